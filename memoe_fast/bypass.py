@@ -1,0 +1,179 @@
+"""``MEMoEBypass``: a host MLP plus a bypass mixture of experts routed by knowledge anchors.
+
+``out = host(x) + λ·s·Σ_{e∈topk} g_e·expert_e(x)``, where ``s`` is 1 for sequences in the edit scope
+(or always, with ``anchor_scope`` off) and the gate reads ``concat(x, anchor)``.
+
+Anchors are per sequence: set them with :meth:`MEMoEBypass.set_anchors` (a ``(B, D)`` tensor and an
+optional ``(B,)`` scope mask) before a forward over a ``(B, L, D)`` input. :class:`~memoe_fast.integration.MEMoEHandle`
+does this for you from the input text, including decode steps with a KV cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .config import MEMoEConfig
+from .ops import load_balance_loss, moe_bypass
+
+
+def _float_weight(linear: nn.Module) -> torch.Tensor:
+    """A host projection's weight as a float ``(out, in)`` tensor, dequantising bitsandbytes int8."""
+    w = linear.weight
+    if w.dtype == torch.int8:
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(linear, "state", None), "SCB", None)
+        if scb is None:
+            raise TypeError(f"int8 weight of {type(linear).__name__} has no SCB scales to dequantise it")
+        return w.float() * (scb.float().unsqueeze(1) / 127.0)
+    if type(linear).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+        return w.detach().float().t()
+    return w.detach().float()
+
+
+def _float_bias(module: nn.Module) -> torch.Tensor | None:
+    b = getattr(module, "bias", None)
+    return None if b is None else b.detach().float()
+
+
+def describe_host(mlp: nn.Module) -> dict:
+    """Recognise the host MLP: LLaMA-style gated SiLU or GPT-2-style GELU with Conv1D."""
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        act = getattr(getattr(mlp, "config", None), "hidden_act", None) or type(getattr(mlp, "act_fn", None)).__name__
+        if str(act).lower() not in ("silu", "siluactivation", "swish"):
+            raise TypeError(f"gated MLP with activation {act!r} is not supported (only SiLU)")
+        return {"kind": "llama", "activation": "silu_glu",
+                "w1": mlp.gate_proj, "w3": mlp.up_proj, "w2": mlp.down_proj}
+    if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):
+        act = type(getattr(mlp, "act", None)).__name__
+        activation = "gelu" if act == "GELUActivation" else "gelu_tanh"
+        return {"kind": "gpt2", "activation": activation, "w1": mlp.c_fc, "w3": None, "w2": mlp.c_proj}
+    raise TypeError(
+        f"unsupported MLP {type(mlp).__name__}: expected LLaMA-style gate_proj/up_proj/down_proj "
+        "or GPT-2-style c_fc/c_proj"
+    )
+
+
+class MEMoEBypass(nn.Module):
+    """Wraps ``base_layer`` (the host MLP, kept untouched and frozen) with a trainable bypass MoE.
+
+    Args:
+        base_layer: the host MLP module.
+        config: :class:`MEMoEConfig`.
+        anchor_dim: width of the anchor vectors (the backbone's embedding width).
+
+    Example::
+
+        bypass = MEMoEBypass(model.model.layers[15].mlp, MEMoEConfig())
+        bypass.set_anchors(torch.randn(2, 576))
+        y = bypass(torch.randn(2, 7, 576))      # equals the host MLP's output at initialisation
+    """
+
+    def __init__(self, base_layer: nn.Module, config: MEMoEConfig, anchor_dim: int | None = None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        host = describe_host(base_layer)
+        self.activation = host["activation"]
+        w1 = _float_weight(host["w1"])  # (F, D)
+        ffn, hidden = w1.shape
+        self.hidden_size, self.ffn_size = hidden, ffn
+        self.anchor_dim = anchor_dim or hidden
+        ref = next(base_layer.parameters())
+        if config.expert_dtype is not None:
+            dtype = getattr(torch, config.expert_dtype)
+        else:
+            dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
+        device = ref.device
+        E = config.num_experts
+        gen = torch.Generator().manual_seed(config.seed)
+
+        def stack(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.unsqueeze(0).repeat(E, *([1] * t.dim())).to(device=device, dtype=dtype).contiguous())
+
+        if config.expert_init == "copy_zero_down":
+            self.w1 = stack(w1)
+            self.w3 = stack(_float_weight(host["w3"])) if host["w3"] is not None else None
+        else:
+            bound = 1.0 / math.sqrt(hidden)
+            self.w1 = nn.Parameter((torch.rand(E, ffn, hidden, generator=gen) * 2 - 1).mul_(bound).to(device, dtype))
+            self.w3 = (nn.Parameter((torch.rand(E, ffn, hidden, generator=gen) * 2 - 1).mul_(bound).to(device, dtype))
+                       if host["w3"] is not None else None)
+        # Down-projections start at zero: the edited model equals the base model at initialisation.
+        self.w2 = nn.Parameter(torch.zeros(E, hidden, ffn, device=device, dtype=dtype))
+        b1 = _float_bias(host["w1"])
+        self.b1 = stack(b1) if b1 is not None and config.expert_init == "copy_zero_down" else (
+            nn.Parameter(torch.zeros(E, ffn, device=device, dtype=dtype)) if b1 is not None else None)
+        self.b2 = nn.Parameter(torch.zeros(E, hidden, device=device, dtype=dtype)) if _float_bias(host["w2"]) is not None else None
+        # Gate over concat(x, anchor). The token half starts at zero, so routing starts as a function of
+        # the anchor alone: inputs about one entity begin on one expert.
+        w_gate = torch.zeros(E, hidden + self.anchor_dim)
+        w_gate[:, hidden:] = torch.randn(E, self.anchor_dim, generator=gen) / math.sqrt(self.anchor_dim)
+        self.w_gate = nn.Parameter(w_gate.to(device=device, dtype=torch.float32))
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.enabled = True
+        self.impl = config.impl
+        self._anchor: torch.Tensor | None = None
+        self._scope: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_experts: torch.Tensor | None = None
+
+    def set_anchors(self, anchors: torch.Tensor | None, scope: torch.Tensor | None = None) -> None:
+        """Anchors ``(B, A)`` for the next forwards, and an optional bool scope ``(B,)`` on the CPU."""
+        self._anchor = anchors
+        self._scope = None if scope is None else scope.to("cpu", torch.bool)
+
+    def bypass_parameters(self) -> dict[str, torch.Tensor]:
+        names = ("w_gate", "w1", "w3", "w2", "b1", "b2")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        self.last_aux_loss = None
+        if not self.enabled:
+            return out
+        if self._anchor is None:
+            raise RuntimeError(
+                "MEMoEBypass has no anchors for this input: call set_anchors(...) or use the handle from "
+                "apply_memoe(), which computes them from the input text"
+            )
+        lead, hidden = x.shape[:-1], x.shape[-1]
+        batch = lead[0] if len(lead) > 1 else 1
+        length = x[..., 0].numel() // batch
+        if self._anchor.shape[0] != batch:
+            raise RuntimeError(f"anchors were set for {self._anchor.shape[0]} sequences but the input has {batch}")
+        use_scope = self.config.anchor_scope and self._scope is not None
+        if use_scope and not bool(self._scope.any()) and not self.training:
+            return out  # no sequence is about an edited entity: the experts have nothing to add
+        x2 = x.reshape(batch, length, hidden)
+        anchor = self._anchor.to(device=x.device, dtype=self.w1.dtype)
+        if use_scope and not bool(self._scope.all()):
+            rows = self._scope.nonzero().squeeze(1).to(x.device)  # only in-scope sequences go through the experts
+        else:
+            rows = None
+        xs = x2 if rows is None else x2.index_select(0, rows)
+        anc = anchor if rows is None else anchor.index_select(0, rows)
+        n_seq = xs.shape[0]
+        tokens = xs.reshape(n_seq * length, hidden).to(self.w1.dtype)
+        seq_idx = torch.arange(n_seq, device=x.device).repeat_interleave(length)
+        noise = None
+        if self.training and self.config.gate_noise > 0:
+            noise = torch.randn(tokens.shape[0], self.config.num_experts, device=x.device) * self.config.gate_noise
+        host_rows = out.reshape(batch, length, hidden)
+        host_rows = host_rows if rows is None else host_rows.index_select(0, rows)
+        y, probs, experts = moe_bypass(
+            tokens, anc, seq_idx, self.w_gate, self.w1, self.w2, self.w3, self.b1, self.b2,
+            token_scale=None if self.config.scale == 1.0 else torch.full((tokens.shape[0],), self.config.scale, device=x.device),
+            noise=noise, top_k=self.config.top_k, renormalize=self.config.renormalize,
+            activation=self.activation, host_out=host_rows.reshape(-1, hidden).to(self.w1.dtype), impl=self.impl,
+        )
+        self.last_experts = experts.detach().view(n_seq, length, -1)
+        if self.training:
+            self.last_aux_loss = load_balance_loss(probs, experts, self.config.num_experts)
+        y = y.to(out.dtype).view(n_seq, length, hidden)
+        if rows is None:
+            return y.view(out.shape)
+        return out.reshape(batch, length, hidden).index_copy(0, rows, y).view(out.shape)

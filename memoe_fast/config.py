@@ -1,0 +1,78 @@
+"""MEMoE configuration: one dataclass that round-trips through JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+EXPERT_INITS = ("copy_zero_down", "random_zero_down")
+ANCHOR_POOLINGS = ("canonical", "positions")
+
+
+@dataclass
+class MEMoEConfig:
+    """Where the bypass goes, how it routes, and how it trains.
+
+    The defaults are the library's measured defaults on the embedded model (see README, "Defaults");
+    :meth:`paper` gives the setting of the MEMoE paper (4 experts, top-1, middle block, lr 2e-4, no
+    anchor scope).
+    """
+
+    layer: int | None = None  # block whose MLP gets the bypass; None: the middle block (num_layers // 2)
+    num_experts: int = 4
+    top_k: int = 1
+    scale: float = 1.0  # λ in out = mlp(x) + λ·Σ g_e·expert_e(x)
+    renormalize: bool = True  # renormalise the top-k gate weights to sum to one
+    expert_init: str = "copy_zero_down"  # experts copy the host's first projection(s); down-projections start at zero
+    gate_noise: float = 0.0  # std of Gaussian noise added to the gate logits while training
+    aux_loss_weight: float = 0.01  # Switch-style load-balancing loss weight
+    # Training.
+    lr: float = 1e-3
+    steps: int = 40
+    weight_decay: float = 0.0
+    # Knowledge anchors.
+    anchor_pooling: str = "canonical"  # how an entity becomes a vector (see memoe_fast/anchors.py)
+    anchor_scope: bool = True  # apply the bypass only to inputs whose anchor matches an edited subject
+    scope_threshold: float = 0.85  # cosine similarity an input's entity needs to an edited subject's
+    impl: str = "auto"  # "auto" | "reference" | "torch" | "triton"
+    expert_dtype: str | None = None  # None: the host MLP's float dtype (float32 for an 8-bit host on CPU)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
+        if self.anchor_pooling not in ANCHOR_POOLINGS:
+            raise ValueError(f"anchor_pooling must be one of {ANCHOR_POOLINGS}, got {self.anchor_pooling!r}")
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError(f"steps must be >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
+        if not -1.0 <= self.scope_threshold <= 1.0:
+            raise ValueError(f"scope_threshold is a cosine similarity in [-1, 1], got {self.scope_threshold}")
+
+    @classmethod
+    def paper(cls, **overrides) -> "MEMoEConfig":
+        """The MEMoE paper's setting: 4 experts, top-1, the middle block, lr 2e-4, every input routed."""
+        base = dict(num_experts=4, top_k=1, layer=None, lr=2e-4, anchor_scope=False)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MEMoEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown MEMoEConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MEMoEConfig":
+        return cls.from_dict(json.loads(text))
