@@ -39,3 +39,60 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: 
         actual_f, expected_f, atol=atol, rtol=rtol,
         msg=lambda m: f"{name}: max abs err {err:.3g}, rel err {rel:.3g}\n{m}",
     )
+
+
+def make_moe_inputs(
+    tokens: int, hidden: int, ffn: int, experts: int, anchor: int = 8, seqs: int = 3, *, glu: bool = True,
+    dtype: torch.dtype = torch.float32, dev: torch.device | None = None, token_scale: bool = False,
+    noise: bool = False, host_out: bool = False, route: str = "random", seed: int = 0,
+) -> tuple[dict, dict]:
+    """Small random bypass-MoE inputs: ``(tensors, options)`` for ``moe_bypass*(**tensors, **options)``.
+
+    ``tensors`` are the differentiable leaves (requires_grad set); ``options`` the rest. ``route``:
+    ``"random"``; ``"one"`` sends every token to expert 0; ``"skip_last"`` leaves the last expert empty.
+    """
+    dev = dev or device()
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dev, dtype)
+
+    anchors = rnd(seqs, anchor)
+    w_gate = rnd(experts, hidden + anchor, scale=0.5)
+    if route != "random":
+        # Anchors of ones and a dominant anchor column make one logit win (or one lose) for every token.
+        anchors = torch.ones(seqs, anchor, device=dev, dtype=dtype)
+        w_gate[:, :hidden] *= 0.01
+        w_gate[0 if route == "one" else -1, hidden:] = 3.0 if route == "one" else -3.0
+    t = dict(
+        x=rnd(tokens, hidden), anchor=anchors, w_gate=w_gate,
+        w1=rnd(experts, ffn, hidden, scale=hidden ** -0.5), w2=rnd(experts, hidden, ffn, scale=ffn ** -0.5),
+    )
+    if glu:
+        t["w3"] = rnd(experts, ffn, hidden, scale=hidden ** -0.5)
+    else:
+        t["b1"], t["b2"] = rnd(experts, ffn, scale=0.1), rnd(experts, hidden, scale=0.1)
+    if host_out:
+        t["host_out"] = rnd(tokens, hidden)
+    for v in t.values():
+        v.requires_grad_(True)
+    opts = dict(seq_idx=torch.randint(0, seqs, (tokens,), generator=g).to(dev),
+                activation="silu_glu" if glu else "gelu_tanh")
+    if token_scale:
+        opts["token_scale"] = torch.rand(tokens, generator=g).to(dev, dtype)
+    if noise:
+        opts["noise"] = (torch.randn(tokens, experts, generator=g) * 0.1).to(dev)
+    return t, opts
+
+
+def moe_outputs_and_grads(fn, tensors: dict, options: dict, seed: int = 1) -> tuple[dict, dict]:
+    """Runs ``fn(**tensors, **options)`` on fresh leaf copies and backpropagates a random loss through
+    ``out`` and ``probs``; returns ``({"out", "probs", "experts"}, {name: grad})``."""
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in tensors.items()}
+    out, probs, experts = fn(**leaves, **options)
+    g = torch.Generator().manual_seed(seed)
+    r_out = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    r_probs = torch.randn(probs.shape, generator=g).to(probs.device)
+    (out.float() * r_out.float()).sum().add((probs * r_probs).sum()).backward()
+    grads = {k: v.grad for k, v in leaves.items() if v.requires_grad}
+    return {"out": out, "probs": probs, "experts": experts}, grads
