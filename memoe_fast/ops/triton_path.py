@@ -28,6 +28,16 @@ from .reference import ACTIVATIONS
 
 CONFIG_ENV = "MEMOE_TRITON_CONFIG"
 
+# Tests set this to fill every kernel output with NaN (-1 for integers) before launch, so that an
+# unwritten tile cannot pass unnoticed.
+POISON = False
+
+
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    if not POISON:
+        return torch.empty(*shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -79,10 +89,10 @@ def gate_fwd(x, anchor, seq_idx, w_gate, top_k: int, noise=None, renormalize: bo
     e = w_gate.shape[0]
     dev = x.device
     block_e = max(16, triton.next_power_of_2(e))
-    table = torch.empty(s, e, device=dev, dtype=torch.float32)
-    probs = torch.empty(t, e, device=dev, dtype=torch.float32)
-    weights = torch.empty(t, top_k, device=dev, dtype=torch.float32)
-    experts = torch.empty(t, top_k, device=dev, dtype=torch.int64)
+    table = _empty(s, e, device=dev, dtype=torch.float32)
+    probs = _empty(t, e, device=dev, dtype=torch.float32)
+    weights = _empty(t, top_k, device=dev, dtype=torch.float32)
+    experts = _empty(t, top_k, device=dev, dtype=torch.int64)
     counts = torch.zeros(e, device=dev, dtype=torch.int32)
     w_x, w_a = w_gate[:, :d], w_gate[:, d:]
     block_n, block_k = 32, 64 if not _interpreting() else 32
@@ -117,8 +127,8 @@ def gate_bwd(dprobs, dweights, probs, weights, experts, x, anchor, seq_idx, w_ga
     t, d = x.shape
     e = probs.shape[1]
     top_k = experts.shape[1]
-    dlogits = torch.empty(t, e, device=x.device, dtype=torch.float32)
-    dx = torch.empty(t, d, device=x.device, dtype=x.dtype) if need_x else None
+    dlogits = _empty(t, e, device=x.device, dtype=torch.float32)
+    dx = _empty(t, d, device=x.device, dtype=x.dtype) if need_x else None
     w_x = w_gate[:, :d]
     block_t = 32
     if t > 0:
@@ -160,9 +170,9 @@ def grouped_ffn_fwd(x, tok, offs, coef, w1, w2, w3, b1, b2, host_out, top_k: int
     nslots = tok.numel()
     glu = w3 is not None
     prec = _dot_precision(x.dtype)
-    a = torch.empty(nslots, f, device=x.device, dtype=x.dtype)
-    h = torch.empty_like(a) if save else a
-    u = torch.empty_like(a) if (save and glu) else a
+    a = _empty(nslots, f, device=x.device, dtype=x.dtype)
+    h = _empty(nslots, f, device=x.device, dtype=x.dtype) if save else a
+    u = _empty(nslots, f, device=x.device, dtype=x.dtype) if (save and glu) else a
     w3_ = w3 if glu else w1
     b1_ = b1 if b1 is not None else w1
     _up_fwd[_row_grid(nslots, e, f)](
@@ -172,12 +182,12 @@ def grouped_ffn_fwd(x, tok, offs, coef, w1, w2, w3, b1, b2, host_out, top_k: int
         b1_.stride(0) if b1 is not None else 0, b1_.stride(1) if b1 is not None else 0,
         GLU=glu, ACT_TANH=activation == "gelu_tanh", HAS_B1=b1 is not None, SAVE=save, DOT_PRECISION=prec,
     )
-    y = torch.empty(nslots, d, device=x.device, dtype=x.dtype) if save_y else a
+    y = _empty(nslots, d, device=x.device, dtype=x.dtype) if save_y else a
     atomic = top_k > 1
     if atomic:
         out = host_out.float().clone() if host_out is not None else torch.zeros(t, d, device=x.device, dtype=torch.float32)
     else:
-        out = torch.empty(t, d, device=x.device, dtype=x.dtype)
+        out = _empty(t, d, device=x.device, dtype=x.dtype)
     host = host_out if host_out is not None else out
     b2_ = b2 if b2 is not None else w2
     _down[_row_grid(nslots, e, d)](
@@ -202,9 +212,9 @@ def grouped_ffn_bwd(g, x, tok, offs, coef, w1, w2, w3, a, h, u, y, top_k: int, a
     nslots = tok.numel()
     glu = w3 is not None
     prec = _dot_precision(x.dtype)
-    dh = torch.empty(nslots, f, device=x.device, dtype=x.dtype)
-    du = torch.empty_like(dh) if glu else dh
-    dcoef = torch.empty(nslots, device=x.device, dtype=torch.float32) if need_coef else coef
+    dh = _empty(nslots, f, device=x.device, dtype=x.dtype)
+    du = _empty(nslots, f, device=x.device, dtype=x.dtype) if glu else dh
+    dcoef = _empty(nslots, device=x.device, dtype=torch.float32) if need_coef else coef
     _up_bwd[_row_grid(nslots, e, f)](
         g, tok, offs, coef, w2, h, u if glu else h, y if need_coef else g, dh, du, dcoef, d, f, e,
         g.stride(0), g.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
@@ -213,7 +223,7 @@ def grouped_ffn_bwd(g, x, tok, offs, coef, w1, w2, w3, a, h, u, y, top_k: int, a
     dx = None
     if need_x:
         atomic = top_k > 1
-        dx = torch.zeros(t, d, device=x.device, dtype=torch.float32) if atomic else torch.empty(t, d, device=x.device, dtype=x.dtype)
+        dx = torch.zeros(t, d, device=x.device, dtype=torch.float32) if atomic else _empty(t, d, device=x.device, dtype=x.dtype)
         w3_ = w3 if glu else w1
         # dx = dh @ W1[e] (+ du @ W3[e]): W1 (E, F, D) read as (E, N=D, K=F) through its strides.
         _down[_row_grid(nslots, e, d)](
@@ -227,8 +237,8 @@ def grouped_ffn_bwd(g, x, tok, offs, coef, w1, w2, w3, a, h, u, y, top_k: int, a
             dx = dx.to(x.dtype)
 
     def wgrad(left, right, m, n, l_gather, r_gather, l_scale, want_db, like):
-        dw = torch.empty(e, m, n, device=x.device, dtype=like.dtype)
-        db = torch.empty(e, m, device=x.device, dtype=like.dtype) if want_db else dw
+        dw = _empty(e, m, n, device=x.device, dtype=like.dtype)
+        db = _empty(e, m, device=x.device, dtype=like.dtype) if want_db else dw
         _wgrad[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), e)](
             left, right, tok, offs, coef, dw, db, m, n,
             left.stride(0), left.stride(1), right.stride(0), right.stride(1),
