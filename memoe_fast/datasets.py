@@ -130,8 +130,11 @@ def _read_json_list(path: str | os.PathLike, text: str | None = None) -> list:
     if text is None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such data file")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise DataFormatError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
