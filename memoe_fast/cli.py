@@ -1,0 +1,193 @@
+"""Command line: ``memoe-fast edit`` and ``memoe-fast generate``."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+
+EDITORS = ("reference", "fast")
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("memoe-fast", "torch", "transformers", "triton", "spacy", "bitsandbytes"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def peak_memory_mib() -> dict:
+    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory (MiB)."""
+    import torch
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    out = {"peak_rss_mib": round(rss_kib / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _fmt(v) -> str:
+    return "  n/a" if v is None else f"{v:5.3f}"
+
+
+def format_table(result: dict) -> str:
+    rows = ["| metric      | before | after |", "|-------------|--------|-------|"]
+    for k in ("reliability", "generality", "locality"):
+        rows.append(f"| {k:<11} | {_fmt(result['pre'][k])}  | {_fmt(result['post'][k])} |")
+    t = result["timings"]
+    mem = result["memory"]
+    rows.append("")
+    rows.append(f"edits: {result['n_edits']} ({result['mode']}, batch size {result['batch_size']})  "
+                f"editor: {result['editor']}  impl: {result['impl']}")
+    rows.append(f"wall time: {t['total_s']:.1f} s (load {t['load_s']:.1f} s, edit {t['edit_s']:.1f} s, "
+                f"eval {t.get('eval_pre_s', 0) + t.get('eval_post_s', 0):.1f} s)  "
+                f"peak memory: {mem['peak_rss_mib']:.0f} MiB RSS"
+                + (f", {mem['peak_cuda_mib']:.0f} MiB CUDA" if "peak_cuda_mib" in mem else ""))
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import MEMoEConfig
+    from .ops import IMPLEMENTATIONS
+
+    d = MEMoEConfig()
+    p = argparse.ArgumentParser(prog="memoe-fast", description="MEMoE model editing, fast.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("edit", help="edit a model and report Reliability / Generality / Locality before and after")
+    e.add_argument("--model", default="smollm2", help="'smollm2' (embedded default), a local folder or a cached Hugging Face id")
+    e.add_argument("--data", default="demo", help="demo | zsre:PATH | counterfact:PATH (EasyEdit or ROME format)")
+    e.add_argument("--n", type=int, default=None, help="number of edits (default: all records)")
+    e.add_argument("--mode", choices=("batch", "sequential"), default="batch")
+    e.add_argument("--batch-size", type=int, default=None, help="edits per batch in sequential mode")
+    e.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="'paper': the MEMoE paper's setting (lr 2e-4, no anchor scope)")
+    e.add_argument("--layer", type=int, default=None, help="block index (default: the middle block)")
+    e.add_argument("--experts", type=int, default=None, help=f"number of experts (default {d.num_experts})")
+    e.add_argument("--top-k", type=int, default=None, help=f"experts per token (default {d.top_k})")
+    e.add_argument("--steps", type=int, default=None, help=f"training steps (default {d.steps})")
+    e.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr})")
+    e.add_argument("--no-scope", action="store_true", help="route every input through the experts (no anchor scope)")
+    e.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto", help="bypass implementation")
+    e.add_argument("--editor", choices=EDITORS, default="fast", help="fast (cached frozen prefix) or reference editor")
+    e.add_argument("--load-in-8bit", action="store_true", help="load the backbone in 8-bit (bitsandbytes)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="memoe_out", help="output folder: results.json and edits/")
+    e.add_argument("--no-progress", action="store_true")
+    g = sub.add_parser("generate", help="continue a prompt with an edited model")
+    g.add_argument("--edits", required=True, help="an edits folder written by `memoe-fast edit` (OUT/edits)")
+    g.add_argument("--model", default=None, help="override the model recorded with the edits")
+    g.add_argument("--max-new-tokens", type=int, default=20)
+    g.add_argument("--compare", action="store_true", help="also print the unedited model's continuation")
+    g.add_argument("--device", default=None)
+    g.add_argument("prompt", nargs="+")
+    return p
+
+
+def _config_from_args(args):
+    from .config import MEMoEConfig
+
+    over = {"seed": args.seed, "impl": args.impl}
+    for key, val in (("layer", args.layer), ("num_experts", args.experts), ("top_k", args.top_k),
+                     ("steps", args.steps), ("lr", args.lr)):
+        if val is not None:
+            over[key] = val
+    if args.no_scope:
+        over["anchor_scope"] = False
+    return MEMoEConfig.paper(**over) if args.preset == "paper" else MEMoEConfig(**over)
+
+
+def cmd_edit(args) -> int:
+    import torch
+
+    from .datasets import load_requests
+    from .io import atomic_write_json
+    from .models import load_model, model_label
+
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.mode == "sequential" and not args.batch_size:
+        raise ValueError("--mode sequential needs --batch-size")
+    config = _config_from_args(args)
+    requests = load_requests(args.data, args.n)  # bad data fails here, before the model loads
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    progress = not args.no_progress
+    if progress:
+        print(f"loading {model_label(args.model)} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, load_in_8bit=args.load_in_8bit, device=args.device)
+    load_s = time.perf_counter() - t0
+    if args.editor == "fast":
+        from .fast_editor import FastMEMoEEditor as Editor
+    else:
+        from .editor import MEMoEEditor as Editor
+    editor = Editor(model, tokenizer, config, progress=progress)
+    result = editor.edit(requests, mode=args.mode, batch_size=args.batch_size)
+    result["timings"]["load_s"] = load_s
+    result["timings"]["total_s"] = time.perf_counter() - t0
+    result["timings"]["per_edit_s"] = result["timings"]["edit_s"] / len(requests)
+    result.update({
+        "model": args.model, "data": args.data, "editor": args.editor, "load_in_8bit": args.load_in_8bit,
+        "impl": editor.handle.bypass.impl, "config": config.to_dict(), "layer": editor.handle.layer,
+        "memory": peak_memory_mib(), "versions": _versions(), "device": str(editor.device),
+    })
+    out = os.path.abspath(args.out)
+    editor.handle.save(os.path.join(out, "edits"), extra={"model": args.model, "load_in_8bit": args.load_in_8bit})
+    atomic_write_json(os.path.join(out, "results.json"), result)
+    print(format_table(result))
+    print(f"wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'edits')}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .config import MEMoEConfig
+    from .integration import apply_memoe, read_edit_meta
+    from .models import load_model
+
+    meta = read_edit_meta(args.edits)
+    model, tokenizer = load_model(args.model or meta.get("model", "smollm2"),
+                                  load_in_8bit=bool(meta.get("load_in_8bit")), device=args.device)
+    config = MEMoEConfig.from_dict(meta["config"])
+    handle = apply_memoe(model, config, tokenizer)
+    handle.load_weights(args.edits)
+    prompt = " ".join(args.prompt)
+    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+
+    def run() -> str:
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    edited = run()
+    if args.compare:
+        with handle.disabled():
+            print(f"unedited: {prompt}{run()}")
+        print(f"edited:   {prompt}{edited}")
+    else:
+        print(prompt + edited)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_edit(args) if args.command == "edit" else cmd_generate(args)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        print(f"memoe-fast: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
