@@ -1,0 +1,98 @@
+"""Editors end to end: fast vs reference, implementations vs each other, and a real edit of the embedded model."""
+import importlib.util
+
+import pytest
+import torch
+
+from memoe_fast import MEMoEConfig
+from memoe_fast.datasets import EditRequest, load_demo
+from memoe_fast.editor import MEMoEEditor
+from memoe_fast.fast_editor import FastMEMoEEditor
+
+TINY_REQUESTS = [
+    EditRequest("The capital of France is", "Rome", "France", ["France's capital city is"],
+                "The largest planet is", "Jupiter"),
+    EditRequest("Barack Obama was born in", "Canada", "Barack Obama", ["The birthplace of Barack Obama is"],
+                "Water boils at", "100 degrees"),
+    EditRequest("Apple was founded by", "Bill Gates", "Apple", ["The founder of Apple is"],
+                "The Eiffel Tower is in", "Paris"),
+]
+
+
+def _losses(model, tokenizer, editor_cls, impl="reference", steps=4, **kw):
+    cfg = MEMoEConfig(layer=2, steps=steps, lr=1e-2, impl=impl, gate_noise=0.0, **kw)
+    editor = editor_cls(model, tokenizer, cfg)
+    try:
+        return editor.train(TINY_REQUESTS)
+    finally:
+        editor.handle.remove()
+
+
+def test_fast_editor_matches_reference_step_by_step(tiny_model, tokenizer):
+    ref = _losses(tiny_model, tokenizer, MEMoEEditor)
+    fast = _losses(tiny_model, tokenizer, FastMEMoEEditor)
+    assert ref[-1] < ref[0], "training must lower the loss"
+    assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
+
+
+def test_fast_editor_micro_batches_accumulate_like_one_batch(tiny_model, tokenizer):
+    # The balance loss is a per-forward statistic (and counts pad tokens), so it is off here.
+    cfg = MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="reference", aux_loss_weight=0.0)
+    whole = FastMEMoEEditor(tiny_model, tokenizer, cfg, micro_batch=64)
+    a = whole.train(TINY_REQUESTS)
+    whole.handle.remove()
+    split = FastMEMoEEditor(tiny_model, tokenizer, cfg, micro_batch=1)
+    b = split.train(TINY_REQUESTS)
+    split.handle.remove()
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+IMPLS = ["torch"]
+if importlib.util.find_spec("triton") is not None:
+    IMPLS.append("triton")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_implementations_give_the_same_losses(tiny_model, tokenizer, impl, monkeypatch):
+    if impl == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        if not torch.cuda.is_available():
+            pytest.importorskip("triton")
+    ref = _losses(tiny_model, tokenizer, FastMEMoEEditor, impl="reference", steps=3)
+    other = _losses(tiny_model, tokenizer, FastMEMoEEditor, impl=impl, steps=3)
+    assert other == pytest.approx(ref, rel=1e-3, abs=1e-4)
+
+
+def test_sequential_editing_reports_each_batch(tiny_model, tokenizer):
+    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=2, impl="torch"))
+    result = editor.edit(TINY_REQUESTS, mode="sequential", batch_size=2)
+    assert [b["n"] for b in result["per_batch"]] == [2, 1]
+    assert len(result["losses"]) == 2
+    for key in ("reliability", "generality", "locality"):
+        assert 0.0 <= result["post"][key] <= 1.0
+    assert result["pre"]["locality"] == 1.0
+    with pytest.raises(ValueError, match="batch_size"):
+        editor.edit(TINY_REQUESTS, mode="sequential")
+    with pytest.raises(ValueError, match="mode"):
+        editor.edit(TINY_REQUESTS, mode="parallel")
+
+
+@pytest.mark.slow
+def test_real_model_edits_take(embedded):
+    """Edit the embedded SmolLM2 on a few demo facts: the edits take, unrelated prompts stay."""
+    model, tokenizer = embedded
+    requests = load_demo(6)
+    editor = FastMEMoEEditor(model, tokenizer, MEMoEConfig())
+    try:
+        result = editor.edit(requests)
+        assert result["pre"]["reliability"] < 0.5
+        assert result["post"]["reliability"] >= 0.9
+        assert result["post"]["locality"] >= 0.9
+        # The edited model says the new fact when asked with generate() and no subject given.
+        req = requests[0]
+        enc = tokenizer(req.prompt, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:])
+        assert text.strip().startswith(req.target.split()[0]), text
+    finally:
+        editor.handle.remove()
