@@ -19,15 +19,29 @@ from .ops import load_balance_loss, moe_bypass
 
 
 def _float_weight(linear: nn.Module) -> torch.Tensor:
-    """A host projection's weight as a float ``(out, in)`` tensor, dequantising bitsandbytes int8."""
+    """A host projection's weight as a float ``(out, in)`` tensor, dequantising bitsandbytes int8.
+
+    bitsandbytes stores ``round(127 · w / absmax_row)`` as int8 (``weight``) and the row absmax as
+    ``SCB``, which moves from the weight to ``linear.state`` on the first forward; ``CB · SCB / 127`` is
+    its own ``int8_vectorwise_dequant`` (tests/test_int8.py compares the two).
+    """
     w = linear.weight
     if w.dtype == torch.int8:
+        state = getattr(linear, "state", None)
         scb = getattr(w, "SCB", None)
         if scb is None:
-            scb = getattr(getattr(linear, "state", None), "SCB", None)
+            scb = getattr(state, "SCB", None)
         if scb is None:
             raise TypeError(f"int8 weight of {type(linear).__name__} has no SCB scales to dequantise it")
-        return w.float() * (scb.float().unsqueeze(1) / 127.0)
+        out_f, in_f = getattr(linear, "out_features", None), getattr(linear, "in_features", None)
+        # bitsandbytes < 0.45 swaps the weight for a tiled GPU layout (state.CxB) after the first CUDA
+        # forward; those bytes are not a row-major (out, in) matrix any more.
+        if getattr(state, "CxB", None) is not None or (out_f is not None and tuple(w.shape) != (out_f, in_f)):
+            raise TypeError(
+                f"int8 weight of {type(linear).__name__} is in a tiled layout (bitsandbytes < 0.45 after a "
+                "forward on the GPU): apply MEMoE before the model's first forward, or upgrade bitsandbytes"
+            )
+        return w.detach().float() * (scb.detach().float().unsqueeze(1) / 127.0)
     if type(linear).__name__ == "Conv1D":  # GPT-2 stores (in, out)
         return w.detach().float().t()
     return w.detach().float()

@@ -71,6 +71,8 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype | str = torch.float32, l
     if load_in_8bit:
         from transformers import BitsAndBytesConfig
 
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RuntimeError("load_in_8bit needs bitsandbytes: `pip install memoe-fast[int8]`")
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = device
     try:
