@@ -30,6 +30,7 @@ class MEMoEConfig:
     lr: float = 1e-3
     steps: int = 40
     weight_decay: float = 0.0
+    stop_loss: float = 0.0  # stop training early once the mean target NLL falls below this (0: never)
     # Knowledge anchors.
     anchor_pooling: str = "canonical"  # how an entity becomes a vector (see memoe_fast/anchors.py)
     anchor_scope: bool = True  # apply the bypass only to inputs whose anchor matches an edited subject

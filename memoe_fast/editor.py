@@ -104,6 +104,8 @@ class MEMoEEditor:
                 opt.zero_grad(set_to_none=True)
                 losses.append(self.backward_step(batch, prompts, subjects))
                 opt.step()
+                if losses[-1] < self.config.stop_loss:
+                    break  # every target is already near-certain: more steps only cost time
         finally:
             bypass.train(False)
         return losses
