@@ -112,6 +112,7 @@ def setup():
 def test_edit_30(benchmark, setup, provider):
     model, tok, requests, pre_loc = setup
     editor = PROVIDERS[provider](model, tok, config())
+    benchmark.group = f"edit {len(requests)} demo requests, {STEPS} steps (SmolLM2-135M, CPU)"
     load_before = os.getloadavg()[0]
     out = {}
 
@@ -131,7 +132,6 @@ def test_edit_30(benchmark, setup, provider):
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         **{k: metrics[k] for k in METRICS},
     }
-    benchmark.group = f"edit {len(requests)} demo requests, {STEPS} steps (SmolLM2-135M, CPU)"
     benchmark.extra_info.update(row)
     _RESULTS[provider] = row
     print(f"\n{provider:>9s}: {seconds:7.1f} s  peak +{mem.peak_mib:6.0f} MiB  loss {losses[0]:.3f} -> {losses[-1]:.3f}  "
