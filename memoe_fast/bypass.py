@@ -36,7 +36,8 @@ def _float_weight(linear: nn.Module) -> torch.Tensor:
         out_f, in_f = getattr(linear, "out_features", None), getattr(linear, "in_features", None)
         # bitsandbytes < 0.45 swaps the weight for a tiled GPU layout (state.CxB) after the first CUDA
         # forward; those bytes are not a row-major (out, in) matrix any more.
-        if getattr(state, "CxB", None) is not None or (out_f is not None and tuple(w.shape) != (out_f, in_f)):
+        stale = getattr(state, "__dict__", {}).get("CxB") is not None  # a field before 0.45, a deprecated property after
+        if stale or (out_f is not None and tuple(w.shape) != (out_f, in_f)):
             raise TypeError(
                 f"int8 weight of {type(linear).__name__} is in a tiled layout (bitsandbytes < 0.45 after a "
                 "forward on the GPU): apply MEMoE before the model's first forward, or upgrade bitsandbytes"

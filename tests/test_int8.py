@@ -168,7 +168,7 @@ def test_int8_edit_takes_and_host_untouched(tiny_llama_dir, int8_tokenizer, edit
     linears = {f"{i}.{n}": getattr(b.mlp, n) for i, b in enumerate(model.model.layers)
                for n in ("gate_proj", "up_proj", "down_proj")}
     before = {k: int8_state(v) for k, v in linears.items()}
-    editor = EDITORS[editor_name](model, int8_tokenizer, MEMoEConfig(layer=2, lr=1e-2, steps=20, seed=0), nlp=no_ner)
+    editor = EDITORS[editor_name](model, int8_tokenizer, MEMoEConfig(layer=2, lr=2e-2, steps=30, seed=0), nlp=no_ner)
     requests = requests_for(int8_tokenizer)
     result = editor.edit(requests, mode="batch")
     assert result["pre"]["reliability"] < 0.5
