@@ -28,5 +28,6 @@ MEMOE_TRITON_CONFIG="BLOCK_M=32,BLOCK_N=32,BLOCK_K=32,num_warps=4,num_stages=2" 
   2>&1 | tee "$OUT/tests.txt" || status=1
 
 timeout 260 "$PY" benchmarks/gpu_check.py --out "$OUT" --budget-s 180 2>&1 | tee "$OUT/bench.txt" || status=1
+timeout 180 "$PY" benchmarks/gpu_edit_7b.py --out "$OUT/edit_7b" 2>&1 | tee "$OUT/edit_7b.txt" || status=1
 echo "gpu_check: tests and table in $OUT (status $status)"
 exit $status
