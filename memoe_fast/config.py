@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 EXPERT_INITS = ("copy_zero_down", "random_zero_down")
 ANCHOR_POOLINGS = ("canonical", "positions")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class MEMoEConfig:
     lr: float = 1e-3
     steps: int = 40
     weight_decay: float = 0.0
+    lr_schedule: str = "cosine"  # "cosine" (decay to zero over `steps`) or "constant"
     stop_loss: float = 0.0  # stop training early once the mean target NLL falls below this (0: never)
     # Knowledge anchors.
     anchor_pooling: str = "canonical"  # how an entity becomes a vector (see memoe_fast/anchors.py)
@@ -48,6 +50,8 @@ class MEMoEConfig:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
         if self.anchor_pooling not in ANCHOR_POOLINGS:
             raise ValueError(f"anchor_pooling must be one of {ANCHOR_POOLINGS}, got {self.anchor_pooling!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.steps < 0 or self.lr <= 0:
             raise ValueError(f"steps must be >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
         if not -1.0 <= self.scope_threshold <= 1.0:
@@ -56,7 +60,7 @@ class MEMoEConfig:
     @classmethod
     def paper(cls, **overrides) -> "MEMoEConfig":
         """The MEMoE paper's setting: 4 experts, top-1, the middle block, lr 2e-4, every input routed."""
-        base = dict(num_experts=4, top_k=1, layer=None, lr=2e-4, anchor_scope=False)
+        base = dict(num_experts=4, top_k=1, layer=None, lr=2e-4, lr_schedule="constant", anchor_scope=False)
         base.update(overrides)
         return cls(**base)
 

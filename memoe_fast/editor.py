@@ -96,6 +96,9 @@ class MEMoEEditor:
         prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
         params = self.handle.parameters()
         opt = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        sched = None
+        if self.config.lr_schedule == "cosine" and self.config.steps > 0:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.config.steps)
         bypass = self.handle.bypass
         bypass.train(True)
         losses = []
@@ -104,6 +107,8 @@ class MEMoEEditor:
                 opt.zero_grad(set_to_none=True)
                 losses.append(self.backward_step(batch, prompts, subjects))
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 if losses[-1] < self.config.stop_loss:
                     break  # every target is already near-certain: more steps only cost time
         finally:

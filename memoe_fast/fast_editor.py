@@ -34,10 +34,13 @@ def final_norm(model) -> torch.nn.Module:
     raise TypeError(f"cannot find the final norm of {type(model).__name__}")
 
 
-def head_logits(model, hidden: torch.Tensor, pred_pos: torch.Tensor) -> torch.Tensor:
-    """Final norm + LM head at ``pred_pos`` only: ``(B, L, D)`` states -> ``(B, Tt, V)`` logits."""
+def head_logits(model, hidden: torch.Tensor, pred_pos: torch.Tensor, normed: bool = False) -> torch.Tensor:
+    """LM head at ``pred_pos`` only: ``(B, L, D)`` states -> ``(B, Tt, V)`` logits.
+
+    ``hidden`` is the last block's output, or with ``normed`` the decoder's output (final norm applied).
+    """
     picked = hidden.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return model.get_output_embeddings()(final_norm(model)(picked))
+    return model.get_output_embeddings()(picked if normed else final_norm(model)(picked))
 
 
 class FastMEMoEEditor(MEMoEEditor):
@@ -48,7 +51,7 @@ class FastMEMoEEditor(MEMoEEditor):
         micro_batch: sequences per forward inside one training step (gradients are accumulated).
     """
 
-    def __init__(self, *args, checkpoint: bool = False, micro_batch: int = 64, **kwargs):
+    def __init__(self, *args, checkpoint: bool = False, micro_batch: int = 16, **kwargs):
         super().__init__(*args, **kwargs)
         self.checkpoint = checkpoint
         self.micro_batch = micro_batch
@@ -97,10 +100,15 @@ class FastMEMoEEditor(MEMoEEditor):
 
     def backward_step(self, batch, prompts, subjects) -> float:
         if self._prefix is None or self._prefix[0] is not batch:
+            # Micro-batches of similar length, each trimmed to its own longest sequence: no step
+            # spends work on padding.
+            lengths = batch.attention_mask.sum(1).tolist()
+            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
             chunks = []
-            for s in range(0, batch.input_ids.shape[0], self.micro_batch):
-                sub = _slice(batch, s, s + self.micro_batch)
-                chunks.append((sub, self._capture(sub), prompts[s:s + self.micro_batch], subjects[s:s + self.micro_batch]))
+            for s in range(0, len(order), self.micro_batch):
+                idx = order[s:s + self.micro_batch]
+                sub = _select(batch, idx, max(lengths[i] for i in idx))
+                chunks.append((sub, self._capture(sub), [prompts[i] for i in idx], [subjects[i] for i in idx]))
             self._prefix = (batch, chunks)
         total_tokens = batch.target_mask.sum().clamp_min(1)
         n_seq = batch.input_ids.shape[0]
@@ -125,7 +133,7 @@ class FastMEMoEEditor(MEMoEEditor):
         def fn(batch):
             hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                       use_cache=False).last_hidden_state
-            return head_logits(model, hidden, batch.pred_pos)
+            return head_logits(model, hidden, batch.pred_pos, normed=True)
 
         return fn
 
@@ -133,7 +141,10 @@ class FastMEMoEEditor(MEMoEEditor):
         return self.eval_logits_fn()(batch)
 
 
-def _slice(batch, start, end):
+def _select(batch, idx: list[int], length: int):
+    """Rows ``idx`` of a right-padded batch, cut to ``length`` positions."""
     from .metrics import Batch
 
-    return Batch(*(getattr(batch, f)[start:end] for f in ("input_ids", "attention_mask", "pred_pos", "target_ids", "target_mask")))
+    rows = torch.tensor(idx, device=batch.input_ids.device)
+    return Batch(batch.input_ids[rows, :length], batch.attention_mask[rows, :length], batch.pred_pos[rows],
+                 batch.target_ids[rows], batch.target_mask[rows])

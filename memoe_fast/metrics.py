@@ -81,19 +81,22 @@ def predict_targets(model, tokenizer, prompts: list[str], targets: list[str], ha
     logits_fn = logits_fn or (lambda b: target_logits(model, b))
     device = next(model.parameters()).device
     subjects = subjects if subjects is not None else [None] * len(prompts)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ps, ts = prompts[start:start + batch_size], targets[start:start + batch_size]
-        pairs = [encode_pair(tokenizer, p, t) for p, t in zip(ps, ts)]
+    all_pairs = [encode_pair(tokenizer, p, t) for p, t in zip(prompts, targets)]
+    # Batches of similar length waste little on padding; results come back in the input order.
+    order = sorted(range(len(all_pairs)), key=lambda i: len(all_pairs[i][0]) + len(all_pairs[i][1]))
+    out: list = [None] * len(all_pairs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        pairs = [all_pairs[i] for i in idx]
         batch = collate(pairs, tokenizer.pad_token_id, device)
         if handle is not None and handle.bypass.enabled:
-            with handle.anchored(ps, subjects[start:start + batch_size]):
+            with handle.anchored([prompts[i] for i in idx], [subjects[i] for i in idx]):
                 logits = logits_fn(batch)
         else:
             logits = logits_fn(batch)
         pred = logits.argmax(-1).cpu()
-        for i, (_, t) in enumerate(pairs):
-            out.append((pred[i, : len(t)], torch.tensor(t)))
+        for row, (i, (_, t)) in enumerate(zip(idx, pairs)):
+            out[i] = (pred[row, : len(t)], torch.tensor(t))
     return out
 
 

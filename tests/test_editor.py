@@ -96,3 +96,20 @@ def test_real_model_edits_take(embedded):
         assert text.strip().startswith(req.target.split()[0]), text
     finally:
         editor.handle.remove()
+
+
+def test_fast_editor_evaluates_like_the_reference(tiny_model, tokenizer):
+    """Target-only logits must equal the full model's logits at the target positions."""
+    from memoe_fast.metrics import collate, encode_pair, evaluate, target_logits
+
+    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="torch"))
+    editor.train(TINY_REQUESTS)
+    batch = collate([encode_pair(tokenizer, r.prompt, r.target) for r in TINY_REQUESTS], tokenizer.pad_token_id)
+    prompts = [r.prompt for r in TINY_REQUESTS]
+    with torch.no_grad(), editor.handle.anchored(prompts):
+        fast = editor.eval_logits_fn()(batch)
+        full = target_logits(tiny_model, batch)
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
+    fast_metrics = editor.evaluate(TINY_REQUESTS)
+    ref_metrics = evaluate(tiny_model, tokenizer, TINY_REQUESTS, editor.handle)
+    assert fast_metrics["per_example"] == ref_metrics["per_example"]
