@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import collections
+import os
+
+# See memoe_fast/cli.py: sleeping, not spinning, OpenMP threads (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

@@ -1,3 +1,8 @@
+import os
+
+# See memoe_fast/cli.py: sleeping, not spinning, OpenMP threads (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
