@@ -80,8 +80,10 @@ def section_text(heading: str, baseline: str, extras: tuple, benches: list[dict]
             lines.append(f"torch threads: {', '.join(threads) or '?'}; 1-minute load average when run: {'; '.join(loads) or '?'}")
         lines.append("")
     commit = data.get("commit_info", {})
+    cid = str(commit.get("id", "?"))
+    cid = cid[:10] if re.fullmatch(r"[0-9a-f]{40}", cid) else cid  # "unversioned" outside a git checkout
     lines.append(f"Machine: {machine_line(data)}. Date: {data.get('datetime', '?')}. "
-                 f"Commit: {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}.")
+                 f"Commit: {cid}{' (dirty)' if commit.get('dirty') else ''}.")
     lines.append("")
     lines.append(f"Command: `{command}`")
     if note:
