@@ -179,16 +179,21 @@ class MEMoEBypass(nn.Module):
             noise = torch.randn(tokens.shape[0], self.config.num_experts, device=x.device) * self.config.gate_noise
         host_rows = out.reshape(batch, length, hidden)
         host_rows = host_rows if rows is None else host_rows.index_select(0, rows)
+        # The kernels add the bypass into the host output in their epilogue when both share a dtype.
+        fuse_host = out.dtype == self.w1.dtype
         y, probs, experts = moe_bypass(
             tokens, anc, seq_idx, self.w_gate, self.w1, self.w2, self.w3, self.b1, self.b2,
             token_scale=None if self.config.scale == 1.0 else torch.full((tokens.shape[0],), self.config.scale, device=x.device),
             noise=noise, top_k=self.config.top_k, renormalize=self.config.renormalize,
-            activation=self.activation, host_out=host_rows.reshape(-1, hidden).to(self.w1.dtype), impl=self.impl,
+            activation=self.activation, host_out=host_rows.reshape(-1, hidden) if fuse_host else None, impl=self.impl,
         )
         self.last_experts = experts.detach().view(n_seq, length, -1)
         if self.training:
             self.last_aux_loss = load_balance_loss(probs, experts, self.config.num_experts)
-        y = y.to(out.dtype).view(n_seq, length, hidden)
+        y = y.view(n_seq, length, hidden)
+        if not fuse_host:
+            # The host output stays in its own dtype: lower-precision experts must not round it.
+            y = host_rows + y.to(out.dtype)
         if rows is None:
             return y.view(out.shape)
         return out.reshape(batch, length, hidden).index_copy(0, rows, y).view(out.shape)

@@ -106,10 +106,7 @@ def test_load_model_int8(tiny_llama_dir):
     assert not model.training
 
 
-@pytest.mark.parametrize("expert_dtype", [None, pytest.param("bfloat16", marks=pytest.mark.xfail(
-    strict=True, reason="MEMoEBypass.forward adds the host output in the expert dtype (bypass.py, host_out=..."
-                        ".to(self.w1.dtype)): bf16 experts round the fp32 host MLP output to bf16"))],
-    ids=["fp32_experts", "bf16_experts"])
+@pytest.mark.parametrize("expert_dtype", [None, "bfloat16"], ids=["fp32_experts", "bf16_experts"])
 def test_int8_init_is_identity(tiny_llama_dir, int8_tokenizer, expert_dtype):
     path, _ = tiny_llama_dir
     model = load_int8(path)
