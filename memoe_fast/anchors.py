@@ -58,6 +58,13 @@ def load_spacy():
     return nlp
 
 
+def _spans(doc):
+    """(entities, noun chunks) of a spaCy doc as ``(text, start_char, end_char)``; no numeric entities."""
+    ents = [(e.text, e.start_char, e.end_char) for e in doc.ents if e.label_ not in NON_ANCHOR_LABELS]
+    chunks = [(c.text, c.start_char, c.end_char) for c in doc.noun_chunks] if doc.has_annotation("DEP") else []
+    return ents, chunks
+
+
 @dataclass
 class Anchors:
     """Per-sequence anchors: ``vectors`` (S, D) fp32, ``scope`` (S,) bool (CPU), and the entity strings."""
@@ -119,10 +126,7 @@ class AnchorBank:
     def _spacy(self, text: str):
         hit = self._ner_cache.get(text)
         if hit is None:
-            doc = self.nlp(text)
-            ents = [(e.text, e.start_char, e.end_char) for e in doc.ents if e.label_ not in NON_ANCHOR_LABELS]
-            chunks = [(c.text, c.start_char, c.end_char) for c in doc.noun_chunks] if doc.has_annotation("DEP") else []
-            hit = self._ner_cache[text] = (ents, chunks)
+            hit = self._ner_cache[text] = _spans(self.nlp(text))
         return hit
 
     def entity_spans(self, text: str, subject: str | None = None) -> list[tuple[str, int, int]]:
@@ -168,11 +172,23 @@ class AnchorBank:
             vecs.append(self._embed([ids[i] for i in pos]).mean(dim=0) if pos else self.entity_vector(ent))
         return vecs
 
+    def _prefetch(self, texts: list[str]) -> None:
+        """Run NER on the uncached texts in one ``nlp.pipe`` call (batched: faster than one by one)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._ner_cache))
+        if len(missing) < 2 or not hasattr(self.nlp, "pipe"):
+            return
+        for text, doc in zip(missing, self.nlp.pipe(missing)):
+            self._ner_cache[text] = _spans(doc)
+
     def __call__(self, texts: list[str], subjects: list[str | None] | None = None) -> Anchors:
         """Anchors for a batch of texts (one per sequence)."""
         subjects = subjects if subjects is not None else [None] * len(texts)
         if len(subjects) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(subjects)} subjects")
+        if self._subject_pattern is None:
+            self._prefetch(list(texts))
+        else:
+            self._prefetch([t for t in texts if not self._subject_pattern.search(t)])
         dim = self.embedding.weight.shape[1]
         vectors = torch.zeros(len(texts), dim)
         scope = torch.zeros(len(texts), dtype=torch.bool)

@@ -161,7 +161,7 @@ class MEMoEBypass(nn.Module):
         if self._anchor.shape[0] != batch:
             raise RuntimeError(f"anchors were set for {self._anchor.shape[0]} sequences but the input has {batch}")
         use_scope = self.config.anchor_scope and self._scope is not None
-        if use_scope and not bool(self._scope.any()) and not self.training:
+        if use_scope and not bool(self._scope.any()):
             return out  # no sequence is about an edited entity: the experts have nothing to add
         x2 = x.reshape(batch, length, hidden)
         anchor = self._anchor.to(device=x.device, dtype=self.w1.dtype)

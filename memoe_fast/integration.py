@@ -218,6 +218,7 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
         raise RuntimeError(f"block {layer} already has a MEMoE bypass; remove it first")
     embedding = model.get_input_embeddings()
     bypass = MEMoEBypass(original, config, anchor_dim=embedding.weight.shape[1])
+    bypass.train(model.training)  # a new module starts in training mode; follow the host model
     block.mlp = bypass
     bank = None
     if tokenizer is not None:

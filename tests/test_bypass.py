@@ -190,3 +190,15 @@ def test_kernels_folder_stays_inert_from_the_checkout_root():
     if first.startswith("ours"):
         assert first == "ours False"
         assert "memoe_fast.kernels" in proc.stdout
+
+
+def test_unrelated_batch_in_training_mode_passes_through(tiny_model, tokenizer):
+    """A batch naming no edited subject skips the experts, also while the bypass is training."""
+    enc = tokenizer(["The capital of France is"], return_tensors="pt")
+    base = tiny_model(**enc).logits
+    handle = apply_memoe(tiny_model, MEMoEConfig(layer=1, impl="reference"), tokenizer)
+    assert handle.bypass.training == tiny_model.training
+    handle.add_subjects(["Danielle Darrieux"])
+    _perturb(handle)
+    handle.bypass.train()
+    torch.testing.assert_close(tiny_model(**enc).logits, base, rtol=0, atol=0)
