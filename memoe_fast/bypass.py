@@ -141,6 +141,16 @@ class MEMoEBypass(nn.Module):
         self._anchor = anchors
         self._scope = None if scope is None else scope.to("cpu", torch.bool)
 
+    @property
+    def gate_learns(self) -> bool:
+        """Whether the gate gets a real gradient. With top-1 renormalised routing the weight is p/p = 1, so
+        only the balance loss reaches the gate; without it the gradient is rounding noise, which Adam
+        would scale up to full-size steps that reshuffle the routing."""
+        return self.config.aux_loss_weight > 0 or not (self.config.top_k == 1 and self.config.renormalize)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.bypass_parameters().items() if n != "w_gate" or self.gate_learns]
+
     def bypass_parameters(self) -> dict[str, torch.Tensor]:
         names = ("w_gate", "w1", "w3", "w2", "b1", "b2")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

@@ -133,7 +133,8 @@ class MEMoEHandle:
             self.bank.add_subjects(subjects)
 
     def parameters(self):
-        return [p for p in self.bypass.bypass_parameters().values()]
+        """The parameters an optimiser should train (the gate only when it gets a real gradient)."""
+        return self.bypass.trainable_parameters()
 
     def remove(self) -> nn.Module:
         """Take the bypass out and put the original MLP module back; returns the model."""

@@ -114,3 +114,17 @@ def test_fast_editor_evaluates_like_the_reference(tiny_model, tokenizer):
     fast_metrics = editor.evaluate(TINY_REQUESTS)
     ref_metrics = evaluate(tiny_model, tokenizer, TINY_REQUESTS, editor.handle)
     assert fast_metrics["per_example"] == ref_metrics["per_example"]
+
+
+def test_gate_without_a_gradient_is_not_trained(tiny_model, tokenizer):
+    """Top-1 renormalised routing without a balance loss gives the gate no gradient but rounding noise;
+    Adam would blow that noise up into full-size steps, so the gate must stay as initialised."""
+    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="torch"))
+    before = editor.handle.bypass.w_gate.detach().clone()
+    editor.train(TINY_REQUESTS)
+    assert torch.equal(editor.handle.bypass.w_gate, before)
+    editor.handle.remove()
+    learning = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="torch", top_k=2))
+    before = learning.handle.bypass.w_gate.detach().clone()
+    learning.train(TINY_REQUESTS)
+    assert not torch.equal(learning.handle.bypass.w_gate, before)
