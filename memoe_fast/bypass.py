@@ -133,13 +133,18 @@ class MEMoEBypass(nn.Module):
         self.impl = config.impl
         self._anchor: torch.Tensor | None = None
         self._scope: torch.Tensor | None = None
+        self._token_seq: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_experts: torch.Tensor | None = None
 
-    def set_anchors(self, anchors: torch.Tensor | None, scope: torch.Tensor | None = None) -> None:
-        """Anchors ``(B, A)`` for the next forwards, and an optional bool scope ``(B,)`` on the CPU."""
+    def set_anchors(self, anchors: torch.Tensor | None, scope: torch.Tensor | None = None,
+                    token_seq: torch.Tensor | None = None) -> None:
+        """Anchors ``(S, A)`` for the next forwards, an optional bool scope ``(S,)``, and for packed inputs
+        (several sequences in one row, no padding) the sequence of every token ``(N,)`` (CPU int64).
+        Without ``token_seq`` the input is ``(S, L, D)``: sequence ``s`` is row ``s``."""
         self._anchor = anchors
         self._scope = None if scope is None else scope.to("cpu", torch.bool)
+        self._token_seq = None if token_seq is None else token_seq.to("cpu", torch.long)
 
     @property
     def gate_learns(self) -> bool:
@@ -165,45 +170,47 @@ class MEMoEBypass(nn.Module):
                 "MEMoEBypass has no anchors for this input: call set_anchors(...) or use the handle from "
                 "apply_memoe(), which computes them from the input text"
             )
-        lead, hidden = x.shape[:-1], x.shape[-1]
-        batch = lead[0] if len(lead) > 1 else 1
-        length = x[..., 0].numel() // batch
-        if self._anchor.shape[0] != batch:
-            raise RuntimeError(f"anchors were set for {self._anchor.shape[0]} sequences but the input has {batch}")
-        use_scope = self.config.anchor_scope and self._scope is not None
-        if use_scope and not bool(self._scope.any()):
-            return out  # no sequence is about an edited entity: the experts have nothing to add
-        x2 = x.reshape(batch, length, hidden)
+        hidden = x.shape[-1]
+        n_tok = x.numel() // hidden
+        token_seq = self._token_seq
+        if token_seq is None:
+            batch = x.shape[0] if x.dim() > 2 else 1
+            if self._anchor.shape[0] != batch:
+                raise RuntimeError(f"anchors were set for {self._anchor.shape[0]} sequences but the input has {batch}")
+            token_seq = torch.arange(batch).repeat_interleave(n_tok // batch)
+        elif token_seq.numel() != n_tok:
+            raise RuntimeError(f"token_seq has {token_seq.numel()} entries but the input has {n_tok} tokens")
+        sel = None
+        if self.config.anchor_scope and self._scope is not None:
+            tok_scope = self._scope[token_seq]
+            if not bool(tok_scope.any()):
+                return out  # no sequence is about an edited entity: the experts have nothing to add
+            if not bool(tok_scope.all()):
+                sel = tok_scope.nonzero().squeeze(1).to(x.device)  # only in-scope tokens go through the experts
+        flat_x, flat_out = x.reshape(n_tok, hidden), out.reshape(n_tok, hidden)
+        seq_idx = token_seq.to(x.device)
+        if sel is not None:
+            flat_x, seq_idx = flat_x.index_select(0, sel), seq_idx.index_select(0, sel)
+        host_rows = flat_out if sel is None else flat_out.index_select(0, sel)
         anchor = self._anchor.to(device=x.device, dtype=self.w1.dtype)
-        if use_scope and not bool(self._scope.all()):
-            rows = self._scope.nonzero().squeeze(1).to(x.device)  # only in-scope sequences go through the experts
-        else:
-            rows = None
-        xs = x2 if rows is None else x2.index_select(0, rows)
-        anc = anchor if rows is None else anchor.index_select(0, rows)
-        n_seq = xs.shape[0]
-        tokens = xs.reshape(n_seq * length, hidden).to(self.w1.dtype)
-        seq_idx = torch.arange(n_seq, device=x.device).repeat_interleave(length)
+        tokens = flat_x.to(self.w1.dtype)
         noise = None
         if self.training and self.config.gate_noise > 0:
             noise = torch.randn(tokens.shape[0], self.config.num_experts, device=x.device) * self.config.gate_noise
-        host_rows = out.reshape(batch, length, hidden)
-        host_rows = host_rows if rows is None else host_rows.index_select(0, rows)
         # The kernels add the bypass into the host output in their epilogue when both share a dtype.
         fuse_host = out.dtype == self.w1.dtype
         y, probs, experts = moe_bypass(
-            tokens, anc, seq_idx, self.w_gate, self.w1, self.w2, self.w3, self.b1, self.b2,
+            tokens, anchor, seq_idx, self.w_gate, self.w1, self.w2, self.w3, self.b1, self.b2,
             token_scale=None if self.config.scale == 1.0 else torch.full((tokens.shape[0],), self.config.scale, device=x.device),
             noise=noise, top_k=self.config.top_k, renormalize=self.config.renormalize,
-            activation=self.activation, host_out=host_rows.reshape(-1, hidden) if fuse_host else None, impl=self.impl,
+            activation=self.activation, host_out=host_rows if fuse_host else None, impl=self.impl,
         )
-        self.last_experts = experts.detach().view(n_seq, length, -1)
+        self.last_experts = experts.detach()
         if self.training:
             self.last_aux_loss = load_balance_loss(probs, experts, self.config.num_experts)
-        y = y.view(n_seq, length, hidden)
         if not fuse_host:
             # The host output stays in its own dtype: lower-precision experts must not round it.
             y = host_rows + y.to(out.dtype)
-        if rows is None:
+        if sel is None:
             return y.view(out.shape)
-        return out.reshape(batch, length, hidden).index_copy(0, rows, y).view(out.shape)
+        return flat_out.index_copy(0, sel, y).view(out.shape)

@@ -72,10 +72,12 @@ class MEMoEHandle:
         return anchors
 
     @contextlib.contextmanager
-    def anchored(self, texts: list[str] | None = None, subjects=None, anchors: Anchors | None = None):
-        """Fix the anchors for the forwards inside the block (from texts, or precomputed ``anchors``)."""
+    def anchored(self, texts: list[str] | None = None, subjects=None, anchors: Anchors | None = None,
+                 token_seq=None):
+        """Fix the anchors for the forwards inside the block (from texts, or precomputed ``anchors``);
+        ``token_seq`` for packed inputs (see :meth:`MEMoEBypass.set_anchors`)."""
         anchors = anchors if anchors is not None else self.compute_anchors(texts, subjects)
-        self.bypass.set_anchors(anchors.vectors, anchors.scope)
+        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq)
         self._pinned += 1
         try:
             yield anchors

@@ -50,6 +50,19 @@ def test_fast_editor_micro_batches_accumulate_like_one_batch(tiny_model, tokeniz
     b = split.train(TINY_REQUESTS)
     split.handle.remove()
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    padded = FastMEMoEEditor(tiny_model, tokenizer, cfg, micro_batch=64, pack=False)
+    c = padded.train(TINY_REQUESTS)
+    padded.handle.remove()
+    assert c == pytest.approx(a, rel=1e-4, abs=1e-5)
+
+
+def test_packing_drops_the_padding(tiny_model, tokenizer):
+    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=1, impl="torch"))
+    editor.train(TINY_REQUESTS)
+    (sub, (args, kwargs, packed), _, _), = editor._prefix[1]
+    real = int(sub.attention_mask.sum())
+    assert packed is not None and packed.token_seq.numel() == real < sub.attention_mask.numel()
+    assert args[0].shape[:2] == (1, real)
 
 
 IMPLS = ["torch"]
