@@ -1,4 +1,4 @@
-"""Turn pytest-benchmark JSON into the "## Editing" and "## Inference" sections of benchmarks/RESULTS.md.
+"""Turn pytest-benchmark JSON into the "## Editing", "## Inference" and "## Kernels (CPU)" sections of benchmarks/RESULTS.md.
 
     pytest benchmarks/bench_editing.py benchmarks/bench_inference.py --benchmark-only --benchmark-json=bench.json
     python benchmarks/results_table.py bench.json --command "the pytest command above"
@@ -23,6 +23,7 @@ SECTIONS = {  # benchmark file -> (heading, baseline provider, extra_info column
     "bench_editing.py": ("## Editing", "reference",
                          ("reliability", "generality", "locality", "peak_rss_delta_mib", "steps", "final_loss")),
     "bench_inference.py": ("## Inference", "base", ("prompt_tokens",)),
+    "bench_kernels.py": ("## Kernels (CPU)", "floor", ()),
 }
 HEADERS = {"peak_rss_delta_mib": "peak RSS +MiB", "final_loss": "final loss", "prompt_tokens": "prompt tokens"}
 
@@ -132,11 +133,13 @@ def main(argv=None) -> int:
                    help="the command that produced the JSON, quoted in the file")
     p.add_argument("--note-editing", default=None, help="a paragraph under the Editing tables")
     p.add_argument("--note-inference", default=None, help="a paragraph under the Inference tables")
+    p.add_argument("--note-kernels", default=None, help="a paragraph under the Kernels (CPU) tables")
     p.add_argument("--print", action="store_true", help="print the sections instead of writing the file")
     args = p.parse_args(argv)
     with open(args.json, encoding="utf-8") as f:
         data = json.load(f)
-    notes = {"## Editing": args.note_editing, "## Inference": args.note_inference}
+    notes = {"## Editing": args.note_editing, "## Inference": args.note_inference,
+             "## Kernels (CPU)": args.note_kernels}
     sections = build(data, args.command, notes)
     if not sections:
         print(f"{args.json}: no benchmarks from {', '.join(SECTIONS)}", file=sys.stderr)

@@ -86,7 +86,7 @@ class AnchorBank:
     """
 
     def __init__(self, tokenizer, embedding: torch.nn.Embedding, pooling: str = "canonical",
-                 scope_threshold: float = 0.85, nlp=None):
+                 scope_threshold: float = 0.95, nlp=None):
         self.tokenizer = tokenizer
         self.embedding = embedding
         self.pooling = pooling

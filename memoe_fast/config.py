@@ -38,7 +38,7 @@ class MEMoEConfig:
     # Knowledge anchors.
     anchor_pooling: str = "canonical"  # how an entity becomes a vector (see memoe_fast/anchors.py)
     anchor_scope: bool = True  # apply the bypass only to inputs whose anchor matches an edited subject
-    scope_threshold: float = 0.85  # cosine similarity an input's entity needs to an edited subject's
+    scope_threshold: float = 0.95  # cosine similarity an input's entity needs to an edited subject's
     impl: str = "auto"  # "auto" | "reference" | "torch" | "triton"
     expert_dtype: str | None = None  # None: the host MLP's float dtype (float32 for an 8-bit host on CPU)
     seed: int = 0
