@@ -65,8 +65,8 @@ def section_text(heading: str, baseline: str, extras: tuple, benches: list[dict]
         cols = [c for c in extras if any(c in b.get("extra_info", {}) for b in rows)]
         lines.append(f"### {group}")
         lines.append("")
-        lines.append("| provider | median | ratio to " + provider(base) + " | rounds | "
-                     + " | ".join(HEADERS.get(c, c) for c in cols) + (" |" if cols else "|"))
+        header = ["provider", "median", "ratio to " + provider(base), "rounds"] + [HEADERS.get(c, c) for c in cols]
+        lines.append("| " + " | ".join(header) + " |")
         lines.append("|---|---:|---:|---:|" + "---:|" * len(cols))
         for b in rows:
             med = b["stats"]["median"]
