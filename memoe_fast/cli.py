@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help=f"training steps (default {d.steps})")
     e.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr})")
     e.add_argument("--no-scope", action="store_true", help="route every input through the experts (no anchor scope)")
+    e.add_argument("--replay", action="store_true",
+                   help="sequential mode: train each batch together with the earlier edits (no forgetting)")
     e.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto", help="bypass implementation")
     e.add_argument("--editor", choices=EDITORS, default="fast", help="fast (cached frozen prefix) or reference editor")
     e.add_argument("--load-in-8bit", action="store_true", help="load the backbone in 8-bit (bitsandbytes)")
@@ -109,6 +111,8 @@ def _config_from_args(args):
             over[key] = val
     if args.no_scope:
         over["anchor_scope"] = False
+    if args.replay:
+        over["replay"] = True
     return MEMoEConfig.paper(**over) if args.preset == "paper" else MEMoEConfig(**over)
 
 

@@ -34,6 +34,7 @@ class MEMoEConfig:
     steps: int = 30
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"  # "cosine" (decay to zero over `steps`) or "constant"
+    replay: bool = False  # sequential editing: train each batch together with the edits before it
     stop_loss: float = 0.02  # stop training early once the mean target NLL falls below this (0: never)
     # Knowledge anchors.
     anchor_pooling: str = "canonical"  # how an entity becomes a vector (see memoe_fast/anchors.py)

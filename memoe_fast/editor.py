@@ -143,7 +143,10 @@ class MEMoEEditor:
         batches = [requests] if mode == "batch" else [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
         losses, per_batch = [], []
         for b, chunk in enumerate(_progress(batches, self.progress and len(batches) > 1, desc="batches")):
-            losses.append(self.train(chunk, desc=f"batch {b + 1}/{len(batches)}"))
+            # With replay, each batch trains together with the edits before it, so that a later batch
+            # cannot overwrite an expert that an earlier edit relies on.
+            seen = [r for c in batches[:b] for r in c] if self.config.replay else []
+            losses.append(self.train(seen + chunk, desc=f"batch {b + 1}/{len(batches)}"))
             if mode == "sequential" and evaluate:
                 offset = sum(len(c) for c in batches[:b])
                 m = self.evaluate(chunk, pre_loc[offset:offset + len(chunk)])

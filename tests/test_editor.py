@@ -141,3 +141,12 @@ def test_gate_without_a_gradient_is_not_trained(tiny_model, tokenizer):
     before = learning.handle.bypass.w_gate.detach().clone()
     learning.train(TINY_REQUESTS)
     assert not torch.equal(learning.handle.bypass.w_gate, before)
+
+
+def test_sequential_replay_trains_on_earlier_edits(tiny_model, tokenizer):
+    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=1, impl="torch", replay=True))
+    seen = []
+    train = editor.train
+    editor.train = lambda reqs, desc="": (seen.append([r.subject for r in reqs]), train(reqs, desc))[1]
+    editor.edit(TINY_REQUESTS, mode="sequential", batch_size=2, evaluate=False)
+    assert seen == [["France", "Barack Obama"], ["France", "Barack Obama", "Apple"]]
