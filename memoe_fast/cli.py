@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential mode: train each batch together with the earlier edits (no forgetting)")
     e.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto", help="bypass implementation")
     e.add_argument("--editor", choices=EDITORS, default="fast", help="fast (cached frozen prefix) or reference editor")
+    e.add_argument("--micro-batch", type=int, default=64, help="fast editor: sequences per forward (gradients accumulate)")
+    e.add_argument("--checkpoint", action="store_true", help="fast editor: recompute the upper blocks in backward (less memory)")
     e.add_argument("--load-in-8bit", action="store_true", help="load the backbone in 8-bit (bitsandbytes)")
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -125,6 +127,8 @@ def cmd_edit(args) -> int:
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.micro_batch < 1:
+        raise ValueError(f"--micro-batch must be >= 1, got {args.micro_batch}")
     if args.mode == "sequential" and not args.batch_size:
         raise ValueError("--mode sequential needs --batch-size")
     config = _config_from_args(args)
@@ -140,7 +144,8 @@ def cmd_edit(args) -> int:
         from .fast_editor import FastMEMoEEditor as Editor
     else:
         from .editor import MEMoEEditor as Editor
-    editor = Editor(model, tokenizer, config, progress=progress)
+    extra = {"micro_batch": args.micro_batch, "checkpoint": args.checkpoint} if args.editor == "fast" else {}
+    editor = Editor(model, tokenizer, config, progress=progress, **extra)
     result = editor.edit(requests, mode=args.mode, batch_size=args.batch_size)
     result["timings"]["load_s"] = load_s
     result["timings"]["total_s"] = time.perf_counter() - t0
