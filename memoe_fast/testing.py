@@ -96,3 +96,30 @@ def moe_outputs_and_grads(fn, tensors: dict, options: dict, seed: int = 1) -> tu
     (out.float() * r_out.float()).sum().add((probs * r_probs).sum()).backward()
     grads = {k: v.grad for k, v in leaves.items() if v.requires_grad}
     return {"out": out, "probs": probs, "experts": experts}, grads
+
+
+# Edge cases shared by the kernel and the CPU-path tests (BLOCK_M = 16 under the interpreter):
+# (id, tokens, hidden, ffn, experts, top_k, glu, route, token_scale, noise, host_out, renormalize)
+MOE_CASES = [
+    # T = 1: one token, one slot; every block is mostly padding.
+    ("T1", 1, 16, 32, 4, 1, True, "random", False, False, True, True),
+    # T smaller than a block (BLOCK_M = 16 under the interpreter); k = 2 takes the atomic combine.
+    ("T5-k2", 5, 16, 32, 4, 2, True, "random", True, True, True, True),
+    # Odd D and F (masked K and N tails), prime E = 5, k = 1 (plain-store combine).
+    ("odd-E5-k1", 37, 13, 19, 5, 1, True, "random", True, False, True, True),
+    # k = E: every expert sees every token.
+    ("kE-E5", 23, 13, 19, 5, 5, True, "random", False, True, False, True),
+    # Several row tiles per expert (about 47 slots each over BLOCK_M = 16).
+    ("multi-tile-E3-k2", 70, 16, 24, 3, 2, True, "random", True, False, True, True),
+    # All tokens to one expert: the other experts' tiles are empty and their dW must be zero.
+    ("all-one-expert", 19, 16, 24, 4, 1, True, "one", True, False, True, True),
+    # An expert with no tokens, k = 2.
+    ("empty-expert-k2", 29, 16, 24, 4, 2, True, "skip_last", False, False, True, True),
+    # GPT-2 experts: GELU(tanh) with both biases, k = 2.
+    ("gelu-tanh-bias-k2", 31, 12, 20, 3, 2, False, "random", True, True, True, True),
+    # No renormalisation: the routing-weight gradient is non-zero at k = 1; no host_out.
+    ("no-renorm-k1", 17, 12, 20, 4, 1, True, "random", False, False, False, False),
+    # Exact-erf GELU, no renormalisation, k = 3.
+    ("gelu-erf-k3", 17, 12, 20, 4, 3, False, "random", True, True, True, False),
+]
+MOE_CASE_ARGS = "tokens,hidden,ffn,experts,top_k,glu,route,token_scale,noise,host_out,renormalize"

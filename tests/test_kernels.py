@@ -20,7 +20,9 @@ from memoe_fast.ops import moe_bypass  # noqa: E402
 from memoe_fast.ops import triton_path  # noqa: E402
 from memoe_fast.ops.reference import gate_topk_reference, moe_bypass_reference  # noqa: E402
 from memoe_fast.ops.triton_path import gate_fwd, moe_bypass_triton, route_fwd  # noqa: E402
-from memoe_fast.testing import TOLERANCES, assert_close, device, make_moe_inputs, moe_outputs_and_grads  # noqa: E402
+from memoe_fast.testing import (  # noqa: E402
+    MOE_CASE_ARGS, MOE_CASES, TOLERANCES, assert_close, device, make_moe_inputs, moe_outputs_and_grads,
+)
 
 ON_CUDA = device().type == "cuda"
 pytestmark = [] if ON_CUDA else [pytest.mark.interpret]
@@ -34,30 +36,7 @@ def _poison(monkeypatch):
     monkeypatch.setattr(triton_path, "POISON", True)
 
 
-# (id, tokens, hidden, ffn, experts, top_k, glu, route, token_scale, noise, host_out, renormalize)
-CASES = [
-    # T = 1: one token, one slot; every block is mostly padding.
-    ("T1", 1, 16, 32, 4, 1, True, "random", False, False, True, True),
-    # T smaller than a block (BLOCK_M = 16 under the interpreter); k = 2 takes the atomic combine.
-    ("T5-k2", 5, 16, 32, 4, 2, True, "random", True, True, True, True),
-    # Odd D and F (masked K and N tails), prime E = 5, k = 1 (plain-store combine).
-    ("odd-E5-k1", 37, 13, 19, 5, 1, True, "random", True, False, True, True),
-    # k = E: every expert sees every token.
-    ("kE-E5", 23, 13, 19, 5, 5, True, "random", False, True, False, True),
-    # Several row tiles per expert (about 47 slots each over BLOCK_M = 16).
-    ("multi-tile-E3-k2", 70, 16, 24, 3, 2, True, "random", True, False, True, True),
-    # All tokens to one expert: the other experts' tiles are empty and their dW must be zero.
-    ("all-one-expert", 19, 16, 24, 4, 1, True, "one", True, False, True, True),
-    # An expert with no tokens, k = 2.
-    ("empty-expert-k2", 29, 16, 24, 4, 2, True, "skip_last", False, False, True, True),
-    # GPT-2 experts: GELU(tanh) with both biases, k = 2.
-    ("gelu-tanh-bias-k2", 31, 12, 20, 3, 2, False, "random", True, True, True, True),
-    # No renormalisation: the routing-weight gradient is non-zero at k = 1; no host_out.
-    ("no-renorm-k1", 17, 12, 20, 4, 1, True, "random", False, False, False, False),
-    # Exact-erf GELU, no renormalisation, k = 3.
-    ("gelu-erf-k3", 17, 12, 20, 4, 3, False, "random", True, True, True, False),
-]
-CASE_ARGS = "tokens,hidden,ffn,experts,top_k,glu,route,token_scale,noise,host_out,renormalize"
+CASES, CASE_ARGS = MOE_CASES, MOE_CASE_ARGS
 
 
 def _check(tensors, options, dtype=torch.float32, grads=True):

@@ -7,28 +7,9 @@ import torch
 from memoe_fast.ops import moe_bypass
 from memoe_fast.ops.reference import moe_bypass_reference
 from memoe_fast.ops.torch_path import moe_bypass_torch, route_by_expert
-from memoe_fast.testing import TOLERANCES, assert_close, device, make_moe_inputs, moe_outputs_and_grads
+from memoe_fast.testing import MOE_CASES, TOLERANCES, assert_close, device, make_moe_inputs, moe_outputs_and_grads
 
-# (id, tokens, hidden, ffn, experts, top_k, glu, route, token_scale, noise, host_out, renormalize)
-CASES = [
-    # T = 1: a single token, a single slot.
-    ("T1", 1, 16, 32, 4, 1, True, "random", False, False, True, True),
-    # T smaller than any block; k = 2 mixes two experts per token.
-    ("T5-k2", 5, 16, 32, 4, 2, True, "random", True, True, True, True),
-    # Odd D and F, prime E = 5, k = 1.
-    ("odd-E5-k1", 37, 13, 19, 5, 1, True, "random", True, False, True, True),
-    # k = E: every expert sees every token.
-    ("kE-E5", 23, 13, 19, 5, 5, True, "random", False, True, False, True),
-    # All tokens to one expert: the gather/scatter-free identity route.
-    ("all-one-expert", 19, 16, 24, 4, 1, True, "one", True, False, True, True),
-    # An expert with no tokens: its weight gradients must be exact zeros.
-    ("empty-expert-k2", 29, 16, 24, 4, 2, True, "skip_last", False, False, True, True),
-    # GPT-2 experts: GELU(tanh) with both biases.
-    ("gelu-bias-k2", 31, 12, 20, 3, 2, False, "random", True, True, True, True),
-    # No renormalisation: the routing weights are raw probabilities (their gradient is non-zero at k = 1).
-    ("no-renorm-k1", 17, 12, 20, 4, 1, True, "random", False, False, False, False),
-    ("no-renorm-k3-gelu", 17, 12, 20, 4, 3, False, "random", True, True, True, False),
-]
+CASES = MOE_CASES
 
 
 def _check(tensors, options, dtype=torch.float32):
