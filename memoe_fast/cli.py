@@ -124,6 +124,7 @@ def cmd_edit(args) -> int:
     from .datasets import load_requests
     from .io import atomic_write_json
     from .models import load_model, model_label
+    from .ops import resolve_impl
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -152,7 +153,7 @@ def cmd_edit(args) -> int:
     result["timings"]["per_edit_s"] = result["timings"]["edit_s"] / len(requests)
     result.update({
         "model": args.model, "data": args.data, "editor": args.editor, "load_in_8bit": args.load_in_8bit,
-        "impl": editor.handle.bypass.impl, "config": config.to_dict(), "layer": editor.handle.layer,
+        "impl": resolve_impl(editor.handle.bypass.impl, editor.device), "config": config.to_dict(), "layer": editor.handle.layer,
         "memory": peak_memory_mib(), "versions": _versions(), "device": str(editor.device),
     })
     out = os.path.abspath(args.out)
