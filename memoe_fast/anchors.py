@@ -208,6 +208,3 @@ class AnchorBank:
                 sim = torch.nn.functional.normalize(vecs, dim=-1) @ self._keys.t()
                 scope[i] = bool((sim >= self.scope_threshold).any())
         return Anchors(vectors, scope, entities)
-
-    def state(self) -> dict:
-        return {"subjects": list(self.subjects), "pooling": self.pooling, "scope_threshold": self.scope_threshold}

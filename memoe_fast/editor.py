@@ -58,14 +58,11 @@ class MEMoEEditor:
         self.device = next(model.parameters()).device
         self.history: list[dict] = []
 
-    # Hooks the fast editor overrides.
-    def logits_fn(self, batch):
-        return target_logits(self.model, batch)
-
+    # Hooks the fast editor overrides: backward_step, prepare, eval_logits_fn.
     def backward_step(self, batch, prompts, subjects) -> float:
         """Loss of one training step, with its gradients put into the bypass parameters."""
         with self.handle.anchored(prompts, subjects):
-            logits = self.logits_fn(batch)
+            logits = target_logits(self.model, batch)
             loss = nll_loss(logits, batch)
             aux = self.handle.bypass.last_aux_loss
         if aux is not None and self.config.aux_loss_weight > 0:

@@ -43,6 +43,11 @@ def head_logits(model, hidden: torch.Tensor, pred_pos: torch.Tensor, normed: boo
     ``hidden`` is the last block's output, or with ``normed`` the decoder's output (final norm applied).
     """
     picked = hidden.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return lm_head(model, picked, normed)
+
+
+def lm_head(model, picked: torch.Tensor, normed: bool = False) -> torch.Tensor:
+    """Final norm (unless ``normed``) and LM head on states already picked at the target positions."""
     return model.get_output_embeddings()(picked if normed else final_norm(model)(picked))
 
 
@@ -132,7 +137,7 @@ class FastMEMoEEditor(MEMoEEditor):
             if packed is None:
                 logits = head_logits(self.model, hidden, sub.pred_pos)
             else:
-                logits = self.model.get_output_embeddings()(final_norm(self.model)(hidden[0][packed.pred_abs]))
+                logits = lm_head(self.model, hidden[0][packed.pred_abs])
             # This chunk's token NLLs normalised by the whole batch's token count: the accumulated
             # gradient equals the one of a single pass over the batch.
             loss = nll_loss(logits, sub) * sub.target_mask.sum() / total_tokens
@@ -151,9 +156,6 @@ class FastMEMoEEditor(MEMoEEditor):
             return head_logits(model, hidden, batch.pred_pos, normed=True)
 
         return fn
-
-    def logits_fn(self, batch):
-        return self.eval_logits_fn()(batch)
 
 
 def _select(batch, idx: list[int], length: int):
