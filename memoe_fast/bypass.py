@@ -161,7 +161,14 @@ class MEMoEBypass(nn.Module):
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        return self.add_to(x, self.base_layer(x))
+
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the bypass's output for the host input ``x`` (``forward(x) = add_to(x, host(x))``).
+
+        ``out`` may be any tensor of the host output's shape that the bypass adds into: the fast editor
+        passes the edited block's cached output, which is the host output plus terms that do not
+        depend on it. ``out`` is never modified in place."""
         self.last_aux_loss = None
         if not self.enabled:
             return out

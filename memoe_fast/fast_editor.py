@@ -68,16 +68,17 @@ class FastMEMoEEditor(MEMoEEditor):
         self.micro_batch = micro_batch
         self.blocks = transformer_blocks(self.model)
         self._anchor_cache: dict = {}
+        self._prefix = None
 
-    def _capture(self, batch) -> tuple[tuple, dict]:
-        """Inputs of the edited block for ``batch``, computed once with no graph."""
+    def _capture(self, batch, block: int) -> tuple[tuple, dict]:
+        """Inputs of ``blocks[block]`` for ``batch``, computed with no graph (the forward stops there)."""
         store: dict = {}
 
         def hook(_mod, args, kwargs):
             store["args"], store["kwargs"] = args, kwargs
             raise _StopForward
 
-        h = self.blocks[self.handle.layer].register_forward_pre_hook(hook, with_kwargs=True)
+        h = self.blocks[block].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad(), self.handle.disabled():
                 self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -86,18 +87,86 @@ class FastMEMoEEditor(MEMoEEditor):
         finally:
             h.remove()
         if "args" not in store:
-            raise RuntimeError("the edited block was never reached while capturing the frozen prefix")
+            raise RuntimeError(f"block {block} was never reached while capturing the frozen prefix")
         return store["args"], store["kwargs"]
 
-    def _upper(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        hidden, rest = args[0], args[1:]
-        for block in self.blocks[self.handle.layer:]:
-            if self.checkpoint and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(block, hidden, *rest, use_reentrant=False, **kwargs)
+    def _frozen_prefix(self, sub) -> "Prefix":
+        """Everything a step needs that does not depend on the bypass, for the micro-batch ``sub``.
+
+        Packed: block 0's inputs are captured (embeddings, mask, rotary tables) and packed, then the
+        blocks below the edited one run on the packed row, so padding is never computed, not even once.
+        """
+        layer = self.handle.layer
+        packed = None
+        if self.pack:
+            args, kwargs = self._capture(sub, 0)
+            args, kwargs, packed = pack_block_inputs(args, kwargs, sub)
+            if packed is not None:
+                with torch.no_grad(), self.handle.disabled():
+                    hidden = _run_blocks(self.blocks[:layer], args, kwargs)
+                args = (hidden, *args[1:])
             else:
-                out = block(hidden, *rest, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+                args, kwargs = self._capture(sub, layer)
+        else:
+            args, kwargs = self._capture(sub, layer)
+        mlp_in, base_out = self._split_edited_block(args, kwargs)
+        if packed is not None:
+            rows = packed.pred_abs[sub.target_mask]
+        else:
+            b, t = sub.target_mask.nonzero(as_tuple=True)
+            rows = b * args[0].shape[1] + sub.pred_pos[b, t]  # into the flattened (B*L) states
+        return Prefix(sub, args, kwargs, packed, mlp_in, base_out, rows, sub.target_ids[sub.target_mask])
+
+    def _split_edited_block(self, args: tuple, kwargs: dict):
+        """The edited block's host-MLP input and its output without the bypass, when the block's output is
+        that output plus the MLP's (pre-norm blocks: LLaMA, GPT-2, ...). A step then computes only
+        ``base_out + bypass(mlp_in)`` there: the block's attention and host MLP never change.
+
+        Checked, not assumed: the block runs once more with a random term added to the MLP's output,
+        which must come out unchanged. Returns ``(None, None)`` otherwise (dropout in train mode, a norm
+        after the MLP, ...): then every step runs the whole block."""
+        block, bypass = self.blocks[self.handle.layer], self.handle.bypass
+        store: dict = {}
+
+        def grab(_mod, inputs, _out):
+            store["x"] = inputs[0]
+
+        with torch.no_grad(), self.handle.disabled():
+            h = bypass.register_forward_hook(grab)
+            try:
+                base_out = _hidden(block(*args, **kwargs))
+            finally:
+                h.remove()
+            if "x" not in store or not base_out.dtype.is_floating_point:
+                return None, None
+            gen = torch.Generator(device=base_out.device).manual_seed(0)
+            delta = torch.randn(store["x"].shape[:-1] + base_out.shape[-1:], generator=gen, device=base_out.device,
+                                dtype=torch.float32).mul_(base_out.float().std()).to(base_out.dtype)
+            if delta.shape != base_out.shape:
+                return None, None
+            h = bypass.register_forward_hook(lambda _m, _i, out: out + delta)
+            try:
+                moved = _hidden(block(*args, **kwargs))
+            finally:
+                h.remove()
+        scale = float(base_out.abs().max()) + float(delta.abs().max())
+        tol = 16 * torch.finfo(base_out.dtype).eps * scale
+        if not torch.allclose((moved.float() - base_out.float()), delta.float(), rtol=0, atol=tol):
+            return None, None
+        return store["x"], base_out
+
+    def _upper(self, prefix: "Prefix") -> torch.Tensor:
+        """The last block's output for one micro-batch, with the bypass (anchors must be set)."""
+        layer = self.handle.layer
+        args, kwargs = prefix.args, prefix.kwargs
+        if prefix.base_out is not None:
+            hidden = self.handle.bypass.add_to(prefix.mlp_in, prefix.base_out)
+            blocks = self.blocks[layer + 1:]
+        else:
+            hidden = args[0]
+            blocks = self.blocks[layer:]
+        return _run_blocks(blocks, (hidden, *args[1:]), kwargs,
+                           checkpoint=self.checkpoint and torch.is_grad_enabled())
 
     def _anchors(self, prompts, subjects):
         key = (tuple(prompts), tuple(subjects), len(self.handle.bank.subjects) if self.handle.bank else 0)
@@ -113,36 +182,36 @@ class FastMEMoEEditor(MEMoEEditor):
         if self._prefix is None or self._prefix[0] is not batch:
             # Micro-batches of similar length, each trimmed to its own longest sequence: no step
             # spends work on padding.
-            lengths = batch.attention_mask.sum(1).tolist()
+            lengths = batch.attention_mask.sum(1)
+            if self.config.aux_loss_weight == 0:
+                # A sequence's last token (its last target token) predicts nothing that is scored, and in
+                # a causal model no other position sees it: it is dropped from every forward. (With a
+                # balance loss, its routing counts, so it stays.)
+                lengths = lengths - 1
+            lengths = lengths.tolist()
             order = sorted(range(len(lengths)), key=lambda i: lengths[i])
             chunks = []
             for s in range(0, len(order), self.micro_batch):
                 idx = order[s:s + self.micro_batch]
-                sub = _select(batch, idx, max(lengths[i] for i in idx))
-                args, kwargs = self._capture(sub)
-                if self.pack:
-                    args, kwargs, packed = pack_block_inputs(args, kwargs, sub)
-                else:
-                    packed = None
-                chunks.append((sub, (args, kwargs, packed), [prompts[i] for i in idx], [subjects[i] for i in idx]))
+                sub = _select(batch, idx, [lengths[i] for i in idx])
+                chunks.append((self._frozen_prefix(sub), [prompts[i] for i in idx], [subjects[i] for i in idx]))
             self._prefix = (batch, chunks)
         total_tokens = batch.target_mask.sum().clamp_min(1)
         n_seq = batch.input_ids.shape[0]
         loss_sum = 0.0
-        for sub, (args, kwargs, packed), ps, ss in self._prefix[1]:
-            token_seq = None if packed is None else packed.token_seq
+        for prefix, ps, ss in self._prefix[1]:
+            token_seq = None if prefix.packed is None else prefix.packed.token_seq
             with self.handle.anchored(anchors=self._anchors(ps, ss), token_seq=token_seq):
-                hidden = self._upper(args, kwargs)
+                hidden = self._upper(prefix)
                 aux = self.handle.bypass.last_aux_loss
-            if packed is None:
-                logits = head_logits(self.model, hidden, sub.pred_pos)
-            else:
-                logits = lm_head(self.model, hidden[0][packed.pred_abs])
+            # Final norm and LM head at the real target tokens only (no padded target slots).
+            logits = lm_head(self.model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, prefix.rows))
+            logp = torch.log_softmax(logits.float(), dim=-1)
             # This chunk's token NLLs normalised by the whole batch's token count: the accumulated
             # gradient equals the one of a single pass over the batch.
-            loss = nll_loss(logits, sub) * sub.target_mask.sum() / total_tokens
+            loss = -logp.gather(-1, prefix.targets.unsqueeze(-1)).sum() / total_tokens
             if aux is not None and self.config.aux_loss_weight > 0:
-                loss = loss + self.config.aux_loss_weight * aux * sub.input_ids.shape[0] / n_seq
+                loss = loss + self.config.aux_loss_weight * aux * prefix.sub.input_ids.shape[0] / n_seq
             loss.backward()  # one chunk's graph alive at a time
             loss_sum += loss.item()
         return loss_sum
@@ -158,13 +227,46 @@ class FastMEMoEEditor(MEMoEEditor):
         return fn
 
 
-def _select(batch, idx: list[int], length: int):
-    """Rows ``idx`` of a right-padded batch, cut to ``length`` positions."""
+class Prefix:
+    """One micro-batch's frozen part: the inputs above the edited block's bypass, computed once."""
+
+    def __init__(self, sub, args, kwargs, packed, mlp_in, base_out, rows, targets):
+        self.sub = sub  # the micro-batch (right-padded, trimmed)
+        self.args, self.kwargs = args, kwargs  # the edited block's inputs (packed when ``packed``)
+        self.packed = packed  # Packed or None
+        self.mlp_in = mlp_in  # the host MLP's input in the edited block (None: run the whole block)
+        self.base_out = base_out  # the edited block's output without the bypass
+        self.rows = rows  # (Nt,) rows of the flattened last-block states that predict target tokens
+        self.targets = targets  # (Nt,) the target token at each of those rows
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_blocks(blocks, args: tuple, kwargs: dict, checkpoint: bool = False) -> torch.Tensor:
+    hidden, rest = args[0], args[1:]
+    for block in blocks:
+        if checkpoint:
+            out = torch.utils.checkpoint.checkpoint(block, hidden, *rest, use_reentrant=False, **kwargs)
+        else:
+            out = block(hidden, *rest, **kwargs)
+        hidden = _hidden(out)
+    return hidden
+
+
+def _select(batch, idx: list[int], lengths: list[int]):
+    """Rows ``idx`` of a right-padded batch, each keeping its first ``lengths[i]`` tokens (the rest
+    become padding), cut to the longest of them."""
     from .metrics import Batch
 
-    rows = torch.tensor(idx, device=batch.input_ids.device)
-    return Batch(batch.input_ids[rows, :length], batch.attention_mask[rows, :length], batch.pred_pos[rows],
-                 batch.target_ids[rows], batch.target_mask[rows])
+    device = batch.input_ids.device
+    rows = torch.tensor(idx, device=device)
+    length = max(lengths)
+    keep = (torch.arange(length, device=device) < torch.tensor(lengths, device=device).unsqueeze(1))
+    mask = batch.attention_mask[rows, :length] * keep.to(batch.attention_mask.dtype)
+    return Batch(batch.input_ids[rows, :length], mask, batch.pred_pos[rows], batch.target_ids[rows],
+                 batch.target_mask[rows])
 
 
 class Packed:

@@ -13,6 +13,7 @@ from memoe_fast import MEMoEConfig
 from memoe_fast.datasets import EditRequest, load_demo
 from memoe_fast.editor import MEMoEEditor
 from memoe_fast.fast_editor import FastMEMoEEditor
+from memoe_fast.integration import transformer_blocks
 
 TINY_REQUESTS = [
     EditRequest("The capital of France is", "Rome", "France", ["France's capital city is"],
@@ -59,10 +60,48 @@ def test_fast_editor_micro_batches_accumulate_like_one_batch(tiny_model, tokeniz
 def test_packing_drops_the_padding(tiny_model, tokenizer):
     editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=1, impl="torch"))
     editor.train(TINY_REQUESTS)
-    (sub, (args, kwargs, packed), _, _), = editor._prefix[1]
-    real = int(sub.attention_mask.sum())
-    assert packed is not None and packed.token_seq.numel() == real < sub.attention_mask.numel()
-    assert args[0].shape[:2] == (1, real)
+    (prefix, _, _), = editor._prefix[1]
+    real = int(sum(len(p) + len(t) for p, t in _pairs(tokenizer)))
+    # Neither padding nor any sequence's last token (it predicts nothing scored) is ever computed.
+    kept = real - len(TINY_REQUESTS)
+    assert int(prefix.sub.attention_mask.sum()) == kept < prefix.sub.attention_mask.numel()
+    assert prefix.packed is not None and prefix.packed.token_seq.numel() == kept
+    assert prefix.args[0].shape[:2] == (1, kept)
+    # Pre-norm blocks add the MLP's output to the rest: the edited block's frozen part is cached too.
+    assert prefix.mlp_in is not None and prefix.base_out.shape[:2] == (1, kept)
+    assert prefix.rows.numel() == sum(len(t) for _, t in _pairs(tokenizer))
+
+
+def _pairs(tokenizer):
+    from memoe_fast.metrics import encode_pair
+
+    return [encode_pair(tokenizer, r.prompt, r.target) for r in TINY_REQUESTS]
+
+
+def test_edited_block_split_falls_back_when_the_block_is_not_additive(tiny_model, tokenizer):
+    """A block whose output is not ``rest + mlp(...)`` (a post-norm block, say: here a tanh on the
+    block's output) must run whole in every step, and the losses must still be the reference's."""
+    block = transformer_blocks(tiny_model)[2]
+    plain = type(block).forward
+
+    def squashed(self, *args, **kwargs):
+        out = plain(self, *args, **kwargs)
+        return (torch.tanh(out[0]), *out[1:]) if isinstance(out, tuple) else torch.tanh(out)
+
+    block.forward = squashed.__get__(block)
+    try:
+        ref = _losses(tiny_model, tokenizer, MEMoEEditor)
+        cfg = MEMoEConfig(layer=2, steps=4, lr=1e-2, impl="reference", gate_noise=0.0)
+        editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+        try:
+            fast = editor.train(TINY_REQUESTS)
+            (prefix, _, _), = editor._prefix[1]
+        finally:
+            editor.handle.remove()
+    finally:
+        del block.forward
+    assert prefix.mlp_in is None and prefix.base_out is None
+    assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
 
 
 IMPLS = ["torch"]
