@@ -115,7 +115,24 @@ class FastMEMoEEditor(MEMoEEditor):
         else:
             b, t = sub.target_mask.nonzero(as_tuple=True)
             rows = b * args[0].shape[1] + sub.pred_pos[b, t]  # into the flattened (B*L) states
-        return Prefix(sub, args, kwargs, packed, mlp_in, base_out, rows, sub.target_ids[sub.target_mask])
+        prefix = Prefix(sub, args, kwargs, packed, mlp_in, base_out, rows, sub.target_ids[sub.target_mask])
+        prefix.last_at_rows = packed is not None and self._last_block_at_rows_agrees(prefix)
+        return prefix
+
+    def _last_block_at_rows_agrees(self, prefix: "Prefix") -> bool:
+        """Whether :func:`block_at_rows` reproduces the last block at the target rows, checked once on
+        the unedited states (the last block's input without the bypass)."""
+        if len(self.blocks) - 1 <= self.handle.layer:
+            return False
+        with torch.no_grad(), self.handle.disabled():
+            hidden = _run_blocks(self.blocks[self.handle.layer:-1], prefix.args, prefix.kwargs)
+            try:
+                part = block_at_rows(self.blocks[-1], hidden, prefix.rows, prefix.kwargs)
+            except NotImplementedError:
+                return False
+            whole = _hidden(self.blocks[-1](hidden, *prefix.args[1:], **prefix.kwargs))[0, prefix.rows]
+        tol = 16 * torch.finfo(whole.dtype).eps * float(whole.abs().max())
+        return part is not None and part.shape == whole.shape and torch.allclose(part, whole, rtol=1e-4, atol=tol)
 
     def _split_edited_block(self, args: tuple, kwargs: dict):
         """The edited block's host-MLP input and its output without the bypass, when the block's output is
@@ -156,7 +173,8 @@ class FastMEMoEEditor(MEMoEEditor):
         return store["x"], base_out
 
     def _upper(self, prefix: "Prefix") -> torch.Tensor:
-        """The last block's output for one micro-batch, with the bypass (anchors must be set)."""
+        """The last block's output at the target rows ``(Nt, D)`` for one micro-batch, with the bypass
+        (anchors must be set)."""
         layer = self.handle.layer
         args, kwargs = prefix.args, prefix.kwargs
         if prefix.base_out is not None:
@@ -165,8 +183,13 @@ class FastMEMoEEditor(MEMoEEditor):
         else:
             hidden = args[0]
             blocks = self.blocks[layer:]
-        return _run_blocks(blocks, (hidden, *args[1:]), kwargs,
-                           checkpoint=self.checkpoint and torch.is_grad_enabled())
+        if prefix.last_at_rows and len(blocks) > 0:
+            # The last block's queries, output projection and MLP only at the rows the loss reads.
+            hidden = _run_blocks(blocks[:-1], (hidden, *args[1:]), kwargs,
+                                 checkpoint=self.checkpoint and torch.is_grad_enabled())
+            return block_at_rows(blocks[-1], hidden, prefix.rows, kwargs)
+        hidden = _run_blocks(blocks, (hidden, *args[1:]), kwargs, checkpoint=self.checkpoint and torch.is_grad_enabled())
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, prefix.rows)
 
     def _anchors(self, prompts, subjects):
         key = (tuple(prompts), tuple(subjects), len(self.handle.bank.subjects) if self.handle.bank else 0)
@@ -205,7 +228,7 @@ class FastMEMoEEditor(MEMoEEditor):
                 hidden = self._upper(prefix)
                 aux = self.handle.bypass.last_aux_loss
             # Final norm and LM head at the real target tokens only (no padded target slots).
-            logits = lm_head(self.model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, prefix.rows))
+            logits = lm_head(self.model, hidden)
             logp = torch.log_softmax(logits.float(), dim=-1)
             # This chunk's token NLLs normalised by the whole batch's token count: the accumulated
             # gradient equals the one of a single pass over the batch.
@@ -238,6 +261,42 @@ class Prefix:
         self.base_out = base_out  # the edited block's output without the bypass
         self.rows = rows  # (Nt,) rows of the flattened last-block states that predict target tokens
         self.targets = targets  # (Nt,) the target token at each of those rows
+        self.last_at_rows = False  # the last block runs at ``rows`` only (checked by the editor)
+
+
+def block_at_rows(block, hidden: torch.Tensor, rows: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """A LLaMA-style pre-norm block's output at the packed rows ``rows`` only: ``(1, N, D)`` -> ``(Nt, D)``.
+
+    Keys and values come from every row; queries, the attention output, its projection and the MLP only
+    from ``rows``. In the last block nothing else is read, so the other rows need no work. Raises
+    ``NotImplementedError`` for blocks of another layout; callers compare it to the whole block first.
+    """
+    import sys
+
+    attn = getattr(block, "self_attn", None)
+    names = ("input_layernorm", "post_attention_layernorm", "mlp")
+    if attn is None or not all(hasattr(block, n) for n in names) or not all(
+            hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config")):
+        raise NotImplementedError(f"{type(block).__name__} is not a LLaMA-style block")
+    rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    mask, pos = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
+    if rotary is None or pos is None or mask is None or mask.dim() != 4 or hidden.shape[0] != 1:
+        raise NotImplementedError("needs rotary position embeddings and a 4-D mask over one packed row")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    n, nt, hd = hidden.shape[1], rows.numel(), attn.head_dim
+    x = block.input_layernorm(hidden)
+    q = attn.q_proj(x[:, rows]).view(1, nt, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    cos, sin = pos
+    q, _ = rotary(q, q, cos[:, rows], sin[:, rows])
+    _, k = rotary(k, k, cos, sin)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    out, _ = interface(attn, q, k, v, mask[:, :, rows], dropout=0.0, scaling=attn.scaling)
+    h = hidden[0, rows] + attn.o_proj(out.reshape(nt, -1))
+    return h + block.mlp(block.post_attention_layernorm(h))
 
 
 def _hidden(out) -> torch.Tensor:

@@ -70,6 +70,8 @@ def test_packing_drops_the_padding(tiny_model, tokenizer):
     # Pre-norm blocks add the MLP's output to the rest: the edited block's frozen part is cached too.
     assert prefix.mlp_in is not None and prefix.base_out.shape[:2] == (1, kept)
     assert prefix.rows.numel() == sum(len(t) for _, t in _pairs(tokenizer))
+    # LLaMA-style blocks: the last block runs at the target rows only (GPT-2 blocks run whole).
+    assert prefix.last_at_rows == hasattr(transformer_blocks(tiny_model)[-1], "self_attn")
 
 
 def _pairs(tokenizer):
