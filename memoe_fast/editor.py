@@ -63,7 +63,7 @@ class MEMoEEditor:
         self.device = next(model.parameters()).device
         self.history: list[dict] = []
 
-    # Hooks the fast editor overrides: backward_step, prepare, eval_logits_fn.
+    # Hooks the fast editor overrides: backward_step, prepare, finish, eval_logits_fn.
     def backward_step(self, batch, prompts, subjects) -> float:
         """Loss of one training step, with its gradients put into the bypass parameters."""
         with self.handle.anchored(prompts, subjects):
@@ -77,6 +77,9 @@ class MEMoEEditor:
 
     def prepare(self, requests) -> None:
         """Called once per training batch before its steps (the fast editor caches here)."""
+
+    def finish(self) -> None:
+        """Called once per training batch after its steps (the fast editor frees its caches here)."""
 
     def evaluate(self, requests, pre_locality=None) -> dict:
         return evaluate(self.model, self.tokenizer, requests, self.handle, pre_locality,
@@ -117,6 +120,7 @@ class MEMoEEditor:
                     break  # every target is already near-certain: more steps only cost time
         finally:
             bypass.train(False)
+            self.finish()
         return losses
 
     def edit(self, requests, mode: str = "batch", batch_size: int | None = None, evaluate: bool = True) -> dict:

@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from .editor import MEMoEEditor
 from .integration import transformer_blocks
 from .packing import Packed, attention_configs, block_at_rows, pack_block_inputs, packed_attention  # noqa: F401
+from .prepack import PrepackedLinears
 
 
 class _StopForward(Exception):
@@ -54,7 +55,8 @@ def lm_head(model, picked: torch.Tensor, normed: bool = False) -> torch.Tensor:
     head = model.get_output_embeddings()
     x = picked if normed else final_norm(model)(picked)
     w = getattr(head, "weight", None)
-    if (type(head) is torch.nn.Linear and head.bias is None and not w.requires_grad and x.device.type == "cpu"
+    if (type(head) is torch.nn.Linear and "forward" not in head.__dict__  # (not while prepacked)
+            and head.bias is None and not w.requires_grad and x.device.type == "cpu"
             and w.dtype == x.dtype and x.dim() == 2 and x.shape[0] < 256):
         return _TallHead.apply(x, w)
     return head(x)
@@ -84,11 +86,16 @@ class FastMEMoEEditor(MEMoEEditor):
         micro_batch: sequences per forward inside one training step (gradients are accumulated).
         pack: run each micro-batch as one packed row of its real tokens (no padding), with a
             block-diagonal causal mask, instead of a padded ``(B, L)`` batch.
+        prepack: on the CPU, run the upper blocks' frozen fp32 linears with weights packed once for
+            oneDNN (see :mod:`memoe_fast.prepack`; one packed copy of those weights while training).
     """
 
-    def __init__(self, *args, checkpoint: bool = False, micro_batch: int = 64, pack: bool = True, **kwargs):
+    def __init__(self, *args, checkpoint: bool = False, micro_batch: int = 64, pack: bool = True,
+                 prepack: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.pack = pack
+        self.prepack = prepack
+        self._prepacked: PrepackedLinears | None = None
         self.checkpoint = checkpoint
         self.micro_batch = micro_batch
         self.blocks = transformer_blocks(self.model)
@@ -253,6 +260,15 @@ class FastMEMoEEditor(MEMoEEditor):
 
     def prepare(self, requests) -> None:
         self._prefix = None
+        if self.prepack and self._prepacked is None:
+            self._prepacked = PrepackedLinears([*self.blocks[self.handle.layer + 1:], self.model.get_output_embeddings()])
+
+    def finish(self) -> None:
+        self._prefix = None  # the cached states and the packed weights are freed after training
+        self._prepacked = None
+
+    def _linears(self):
+        return self._prepacked() if self._prepacked is not None else contextlib.nullcontext()
 
     def backward_step(self, batch, prompts, subjects) -> float:
         if self._prefix is None or self._prefix[0] is not batch:
@@ -278,7 +294,8 @@ class FastMEMoEEditor(MEMoEEditor):
         for prefix, ps, ss in self._prefix[1]:
             token_seq = None if prefix.packed is None else prefix.packed.token_seq
             # Both contexts span the backward too: checkpointing recomputes the forward there.
-            with self._attention(prefix.kwargs), self.handle.anchored(anchors=self._anchors(ps, ss), token_seq=token_seq):
+            with self._attention(prefix.kwargs), self._linears(), \
+                    self.handle.anchored(anchors=self._anchors(ps, ss), token_seq=token_seq):
                 hidden = self._upper(prefix)
                 aux = self.handle.bypass.last_aux_loss
                 # Final norm and LM head at the real target tokens only (no padded target slots).
