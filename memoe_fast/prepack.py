@@ -13,6 +13,7 @@ the editor trains (``FastMEMoEEditor`` packs in ``prepare`` and frees in ``finis
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -22,6 +23,21 @@ def prepack_available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
             and hasattr(ops, "_linear_pointwise"))
+
+
+def _available_memory() -> int:
+    """Bytes of memory available without swapping (Linux ``MemAvailable``; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _packed_linear(x2d: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
@@ -57,14 +73,18 @@ class PrepackedLinears:
     """Packed copies of the frozen linears in ``modules`` and a context that runs them packed.
 
     Checked once, not assumed: the packed product must match ``F.linear`` on a random input, otherwise
-    (or where the ops are missing) :attr:`active` is False and the context does nothing.
+    (or where the ops are missing) :attr:`active` is False and the context does nothing. Nothing is
+    packed either when the copies would take more than ``max_fraction`` of the available memory.
     """
 
-    def __init__(self, modules):
+    def __init__(self, modules, max_fraction: float = 0.25):
         self.packed: dict[nn.Linear, torch.Tensor] = {}
         if not prepack_available():
             return
         linears = [m for root in modules for m in root.modules() if packable(m)]
+        need = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+        if need > max_fraction * _available_memory():
+            return  # a copy that could push the machine into swap is not worth ~5% of a step
         try:
             for lin in linears:
                 self.packed[lin] = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), None)

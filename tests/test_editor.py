@@ -59,8 +59,7 @@ def test_fast_editor_micro_batches_accumulate_like_one_batch(tiny_model, tokeniz
 
 def test_packing_drops_the_padding(tiny_model, tokenizer):
     editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=1, impl="torch"))
-    editor.train(TINY_REQUESTS)
-    (prefix, _, _), = editor._prefix[1]
+    _, prefix = _trained_prefix(editor)
     real = int(sum(len(p) + len(t) for p, t in _pairs(tokenizer)))
     # Neither padding nor any sequence's last token (it predicts nothing scored) is ever computed.
     kept = real - len(TINY_REQUESTS)
@@ -70,8 +69,26 @@ def test_packing_drops_the_padding(tiny_model, tokenizer):
     # Pre-norm blocks add the MLP's output to the rest: the edited block's frozen part is cached too.
     assert prefix.mlp_in is not None and prefix.base_out.shape[:2] == (1, kept)
     assert prefix.rows.numel() == sum(len(t) for _, t in _pairs(tokenizer))
+    # The attention of the packed row runs per sequence on the padded layout.
+    assert prefix.kwargs.get("memoe_packed") is prefix.packed
     # LLaMA-style blocks: the last block runs at the target rows only (GPT-2 blocks run whole).
     assert prefix.last_at_rows == hasattr(transformer_blocks(tiny_model)[-1], "self_attn")
+
+
+def _trained_prefix(editor):
+    """Train on TINY_REQUESTS; the losses and the one micro-batch's cached prefix (``finish`` frees it)."""
+    kept = {}
+    finish = editor.finish
+
+    def keep():
+        kept["prefix"] = editor._prefix
+        finish()
+
+    editor.finish = keep
+    losses = editor.train(TINY_REQUESTS)
+    (prefix, _, _), = kept["prefix"][1]
+    assert editor._prefix is None, "finish() must free the cached prefix"
+    return losses, prefix
 
 
 def _pairs(tokenizer):
@@ -96,8 +113,7 @@ def test_edited_block_split_falls_back_when_the_block_is_not_additive(tiny_model
         cfg = MEMoEConfig(layer=2, steps=4, lr=1e-2, impl="reference", gate_noise=0.0)
         editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
         try:
-            fast = editor.train(TINY_REQUESTS)
-            (prefix, _, _), = editor._prefix[1]
+            fast, prefix = _trained_prefix(editor)
         finally:
             editor.handle.remove()
     finally:
