@@ -135,11 +135,13 @@ class FastMEMoEEditor(MEMoEEditor):
             args, kwargs = self._capture(sub, 0)
             args, kwargs, packed = pack_block_inputs(args, kwargs, sub)
             if packed is not None:
-                if self._packed_attention_agrees(args, kwargs, packed):
+                agrees, first = self._packed_attention_agrees(args, kwargs, packed)
+                if agrees:
                     kwargs = {**kwargs, "memoe_packed": packed}
-                with torch.no_grad(), self.handle.disabled(), self._attention(kwargs):
-                    hidden = _run_blocks(self.blocks[:layer], args, kwargs)
-                args = (hidden, *args[1:])
+                if layer > 0:  # the check ran block 0 already: carry on from block 1
+                    with torch.no_grad(), self.handle.disabled(), self._attention(kwargs):
+                        hidden = _run_blocks(self.blocks[1:layer], (first, *args[1:]), kwargs)
+                    args = (hidden, *args[1:])
             else:
                 args, kwargs = self._capture(sub, layer)
         else:
@@ -177,22 +179,23 @@ class FastMEMoEEditor(MEMoEEditor):
             return contextlib.nullcontext()
         return packed_attention(self._attn_configs)
 
-    def _packed_attention_agrees(self, args: tuple, kwargs: dict, packed: Packed) -> bool:
+    def _packed_attention_agrees(self, args: tuple, kwargs: dict, packed: Packed) -> tuple[bool, torch.Tensor]:
         """Whether the blocks take the packed attention (their attention is ``sdpa`` and passes the block's
-        extra arguments on to it), checked on block 0: its output must be the one with ``sdpa``."""
-        self._attn_configs = attention_configs(self.blocks)
-        if self._attn_configs is None:
-            return False
+        extra arguments on to it), checked on block 0: its output must be the one with ``sdpa``.
+        Also returns block 0's output (no bypass), computed on the way."""
         block = self.blocks[0]
+        self._attn_configs = attention_configs(self.blocks)
         with torch.no_grad(), self.handle.disabled():
             plain = _hidden(block(*args, **kwargs))
+            if self._attn_configs is None:
+                return False, plain
             with packed_attention(self._attn_configs):
                 fast = _hidden(block(*args, **{**kwargs, "memoe_packed": packed}))
         tol = 16 * torch.finfo(plain.dtype).eps * float(plain.abs().max())
         if not torch.allclose(fast, plain, rtol=1e-4, atol=tol):
             self._attn_configs = None
-            return False
-        return True
+            return False, plain
+        return True, fast
 
     def _split_edited_block(self, args: tuple, kwargs: dict):
         """The edited block's host-MLP input and its output without the bypass, when the block's output is

@@ -25,8 +25,8 @@ TINY_REQUESTS = [
 ]
 
 
-def _losses(model, tokenizer, editor_cls, impl="reference", steps=4, **kw):
-    cfg = MEMoEConfig(layer=2, steps=steps, lr=1e-2, impl=impl, gate_noise=0.0, **kw)
+def _losses(model, tokenizer, editor_cls, impl="reference", steps=4, layer=2, **kw):
+    cfg = MEMoEConfig(layer=layer, steps=steps, lr=1e-2, impl=impl, gate_noise=0.0, **kw)
     editor = editor_cls(model, tokenizer, cfg)
     try:
         return editor.train(TINY_REQUESTS)
@@ -34,9 +34,10 @@ def _losses(model, tokenizer, editor_cls, impl="reference", steps=4, **kw):
         editor.handle.remove()
 
 
-def test_fast_editor_matches_reference_step_by_step(tiny_model, tokenizer):
-    ref = _losses(tiny_model, tokenizer, MEMoEEditor)
-    fast = _losses(tiny_model, tokenizer, FastMEMoEEditor)
+@pytest.mark.parametrize("layer", [0, 2, 3])  # first block (no frozen prefix), middle, last (no upper blocks)
+def test_fast_editor_matches_reference_step_by_step(tiny_model, tokenizer, layer):
+    ref = _losses(tiny_model, tokenizer, MEMoEEditor, layer=layer)
+    fast = _losses(tiny_model, tokenizer, FastMEMoEEditor, layer=layer)
     assert ref[-1] < ref[0], "training must lower the loss"
     assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
 
