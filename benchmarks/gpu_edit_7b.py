@@ -256,6 +256,46 @@ def run_editor(kind: str, model, tok, requests, args, device, cap_gib) -> dict:
             gc.collect()
 
 
+def check_fast_equals_reference(device: torch.device, n: int = 12, steps: int = 3) -> bool:
+    """Both editors on one tiny fp32 LLaMA (grouped-query attention) on ``device``, the same requests:
+    the fast editor's shortcuts (packed rows and their attention, the cached edited block, the last
+    block at the target rows, target-only logits) must give the reference editor's losses."""
+    from memoe_fast import MEMoEConfig
+    from memoe_fast.editor import MEMoEEditor
+    from memoe_fast.fast_editor import FastMEMoEEditor
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(TINY, num_key_value_heads=2)
+    model = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = build_tokenizer(shape["vocab_size"])
+    requests = synthetic_requests(n, shape["vocab_size"] - len(SPECIALS), seed=1)
+    losses, used = {}, {}
+    for name, cls in (("reference", MEMoEEditor), ("fast", FastMEMoEEditor)):
+        editor = cls(model, tok, MEMoEConfig(steps=steps, lr=1e-2, seed=0, layer=1, stop_loss=0.0), nlp=BenchmarkOnlyNER())
+        if name == "fast":
+            capture = editor._frozen_prefix
+
+            def spy(sub, capture=capture):
+                prefix = capture(sub)
+                used.update(packed=prefix.packed is not None, packed_attention="memoe_packed" in prefix.kwargs,
+                            cached_edited_block=prefix.base_out is not None, last_block_at_rows=prefix.last_at_rows)
+                return prefix
+
+            editor._frozen_prefix = spy
+        try:
+            losses[name] = editor.train(requests)
+        finally:
+            editor.handle.remove()
+    worst = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(losses["reference"], losses["fast"]))
+    ok = len(losses["reference"]) == len(losses["fast"]) == steps and worst < 2e-3
+    print(f"fast == reference on {device.type}: {'OK' if ok else 'FAILED'} (losses {losses['reference']} vs "
+          f"{losses['fast']}, worst relative difference {worst:.2e}; shortcuts taken: {used})", flush=True)
+    return ok
+
+
 def write_rows(out_dir: str, rows: list[dict], header: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "edit_7b.csv"), "w", newline="", encoding="utf-8") as f:
@@ -294,6 +334,7 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.tiny:
         print("gpu_edit_7b: no CUDA device; use --tiny on the CPU", file=sys.stderr)
         return 2
+    equal = check_fast_equals_reference(device)
     shape = TINY if args.tiny else LLAMA2_7B
     n_fast = args.n_fast or (40 if args.tiny else 1000)
     n_ref = args.n_reference or (10 if args.tiny else 100)
@@ -321,7 +362,7 @@ def main(argv=None) -> int:
               f"build {build_s:.1f} s, command: `python benchmarks/gpu_edit_7b.py {' '.join(argv or sys.argv[1:])}`")
     write_rows(args.out, rows, header)
     print(f"wrote {os.path.join(args.out, 'edit_7b.csv')} and edit_7b.md", flush=True)
-    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+    return 0 if equal and all(r.get("status") == "ok" for r in rows) else 1
 
 
 if __name__ == "__main__":
