@@ -4,16 +4,28 @@
   every other input, e.g. rotary embeddings and the attention mask) that enter the edited block are
   captured once per training batch and reused by every step; a step runs only the edited block and the
   blocks above it.
-* Logits only where they are needed: the final norm and LM head run at the target positions only,
-  for training and for the metrics, never as a (tokens x vocabulary) tensor for the whole batch.
+* The edited block's frozen part cached too: its attention and host MLP see only frozen states, and in
+  a pre-norm block the output is ``rest + mlp(x)``; so a step adds the bypass's output to the cached
+  block output and starts at the next block (checked numerically once per batch, else the whole
+  block runs).
+* Logits only where they are needed: the final norm and LM head run at the real target tokens only,
+  for training and for the metrics, never as a (tokens x vocabulary) tensor for the whole batch. The
+  last block, too, runs its queries, attention output and MLP at those rows only (LLaMA-style blocks,
+  checked against the whole block once).
+* No token that nothing reads: a sequence's last token (its last target token) predicts nothing that is
+  scored and no earlier position sees it, so it is dropped from every forward (without a balance loss;
+  with one, its routing counts).
+* No work on padding: each micro-batch runs as one packed row of its real tokens, with per-sequence
+  positions; the linear layers see only real tokens, and attention runs per sequence on the padded
+  layout (``memoe_fast.packing``), which costs ~10x fewer scores than one block-diagonal mask.
 * No graph below the edited block and no weight gradients for frozen parameters; optional activation
   checkpointing of the upper blocks for long batches.
+* On the CPU, the upper blocks' frozen linears and the LM head run with weights packed once for
+  oneDNN (``memoe_fast.prepack``; one copy, held while training).
 * Anchors and tokenisation computed once per text.
-* No work on padding: each micro-batch runs as one packed row of its real tokens, with a
-  block-diagonal causal mask and per-sequence positions (sequences of a ZsRE batch differ in length by
-  up to 2x, so a padded batch computes up to half its tokens for nothing).
 
-It computes the same function as :class:`~memoe_fast.editor.MEMoEEditor` (tests compare the losses).
+It computes the same function as :class:`~memoe_fast.editor.MEMoEEditor` (tests compare the losses step
+by step at the first, a middle and the last block).
 """
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ import torch.utils.checkpoint
 from .editor import MEMoEEditor
 from .integration import transformer_blocks
 from .packing import Packed, attention_configs, block_at_rows, pack_block_inputs, packed_attention  # noqa: F401
+from .frozen_block import FrozenBlocks, supported as frozen_block_supported
 from .prepack import PrepackedLinears
 
 
@@ -155,7 +168,36 @@ class FastMEMoEEditor(MEMoEEditor):
             rows = b * args[0].shape[1] + sub.pred_pos[b, t]  # into the flattened (B*L) states
         prefix = Prefix(sub, args, kwargs, packed, mlp_in, base_out, rows, sub.target_ids[sub.target_mask])
         prefix.last_at_rows = packed is not None and self._last_block_at_rows_agrees(prefix)
+        prefix.fused = self._frozen_blocks(prefix)
         return prefix
+
+    def _frozen_blocks(self, prefix: "Prefix") -> FrozenBlocks | None:
+        """The one-node runner of the upper blocks (:mod:`memoe_fast.frozen_block`) where it applies: CPU,
+        fp32, packed rows with the packed attention, no checkpointing, LLaMA-style blocks. Checked on the
+        first upper block, output and input gradient against the block's own, before it is used."""
+        upper = self.blocks[self.handle.layer + 1:]
+        hidden = prefix.base_out if prefix.base_out is not None else prefix.args[0]
+        if (self.checkpoint or "memoe_packed" not in prefix.kwargs or len(upper) < 2 or hidden.device.type != "cpu"
+                or hidden.dtype != torch.float32 or not all(frozen_block_supported(b) for b in upper)
+                or any(_layout(b) != _layout(upper[0]) for b in upper)):
+            return None
+        fused = FrozenBlocks(prefix.kwargs, lambda: self._prepacked.packed if self._prepacked is not None else {})
+        block = upper[0]
+        gen = torch.Generator().manual_seed(0)
+        cot = torch.randn(hidden.shape, generator=gen, dtype=hidden.dtype)
+        outs, grads = [], []
+        with self._attention(prefix.kwargs), self._linears():
+            for run in (lambda h: _hidden(block(h, *prefix.args[1:], **prefix.kwargs)), lambda h: fused(block, h)):
+                h = hidden.detach().requires_grad_()
+                y = run(h)
+                y.backward(cot)
+                outs.append(y.detach())
+                grads.append(h.grad)
+        scale = lambda t: 16 * torch.finfo(t.dtype).eps * float(t.abs().max())  # noqa: E731
+        if (torch.allclose(outs[1], outs[0], rtol=1e-4, atol=scale(outs[0]))
+                and torch.allclose(grads[1], grads[0], rtol=1e-3, atol=64 * scale(grads[0]) / 16)):
+            return fused
+        return None
 
     def _last_block_at_rows_agrees(self, prefix: "Prefix") -> bool:
         """Whether :func:`block_at_rows` reproduces the last block at the target rows. Checked once, on
@@ -246,12 +288,12 @@ class FastMEMoEEditor(MEMoEEditor):
         else:
             hidden = args[0]
             blocks = self.blocks[layer:]
+        ckpt = self.checkpoint and torch.is_grad_enabled()
         if prefix.last_at_rows and len(blocks) > 0:
             # The last block's queries, output projection and MLP only at the rows the loss reads.
-            hidden = _run_blocks(blocks[:-1], (hidden, *args[1:]), kwargs,
-                                 checkpoint=self.checkpoint and torch.is_grad_enabled())
+            hidden = _run_blocks(blocks[:-1], (hidden, *args[1:]), kwargs, checkpoint=ckpt, fused=prefix.fused)
             return block_at_rows(blocks[-1], hidden, prefix.rows, kwargs)
-        hidden = _run_blocks(blocks, (hidden, *args[1:]), kwargs, checkpoint=self.checkpoint and torch.is_grad_enabled())
+        hidden = _run_blocks(blocks, (hidden, *args[1:]), kwargs, checkpoint=ckpt, fused=prefix.fused)
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, prefix.rows)
 
     def _anchors(self, prompts, subjects):
@@ -335,16 +377,24 @@ class Prefix:
         self.rows = rows  # (Nt,) rows of the flattened last-block states that predict target tokens
         self.targets = targets  # (Nt,) the target token at each of those rows
         self.last_at_rows = False  # the last block runs at ``rows`` only (checked by the editor)
+        self.fused = None  # FrozenBlocks: the upper blocks as one autograd node each (checked by the editor)
+
+
+def _layout(module) -> list:
+    """The classes of a module and its submodules, in order: blocks with equal layouts compute alike."""
+    return [type(m) for m in module.modules()]
 
 
 def _hidden(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _run_blocks(blocks, args: tuple, kwargs: dict, checkpoint: bool = False) -> torch.Tensor:
+def _run_blocks(blocks, args: tuple, kwargs: dict, checkpoint: bool = False, fused=None) -> torch.Tensor:
     hidden, rest = args[0], args[1:]
     for block in blocks:
-        if checkpoint:
+        if fused is not None:
+            out = fused(block, hidden)
+        elif checkpoint:
             out = torch.utils.checkpoint.checkpoint(block, hidden, *rest, use_reentrant=False, **kwargs)
         else:
             out = block(hidden, *rest, **kwargs)

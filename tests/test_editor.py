@@ -72,8 +72,11 @@ def test_packing_drops_the_padding(tiny_model, tokenizer):
     assert prefix.rows.numel() == sum(len(t) for _, t in _pairs(tokenizer))
     # The attention of the packed row runs per sequence on the padded layout.
     assert prefix.kwargs.get("memoe_packed") is prefix.packed
-    # LLaMA-style blocks: the last block runs at the target rows only (GPT-2 blocks run whole).
-    assert prefix.last_at_rows == hasattr(transformer_blocks(tiny_model)[-1], "self_attn")
+    # LLaMA-style blocks: the last block runs at the target rows only, the others as one autograd node
+    # each (GPT-2 blocks run whole, as the module's own ops).
+    llama = hasattr(transformer_blocks(tiny_model)[-1], "self_attn")
+    assert prefix.last_at_rows == llama
+    assert (prefix.fused is not None) == llama
 
 
 def _trained_prefix(editor):
@@ -208,3 +211,35 @@ def test_sequential_replay_trains_on_earlier_edits(tiny_model, tokenizer):
     editor.train = lambda reqs, desc="": (seen.append([r.subject for r in reqs]), train(reqs, desc))[1]
     editor.edit(TINY_REQUESTS, mode="sequential", batch_size=2, evaluate=False)
     assert seen == [["France", "Barack Obama"], ["France", "Barack Obama", "Apple"]]
+
+
+def test_one_node_blocks_are_not_used_where_the_module_computes_something_else(tiny_model, tokenizer):
+    """The upper blocks run as one autograd node only after their output and gradient were checked:
+    where the attention computes something else (a subclass that triples its output), in the checked
+    block or in another one, the blocks must run as themselves and the losses stay the reference's."""
+    blocks = transformer_blocks(tiny_model)
+    if not hasattr(blocks[-1], "self_attn"):
+        pytest.skip("the one-node blocks are for LLaMA-style blocks")
+    plain = type(blocks[0].self_attn)
+
+    class Squashed(plain):
+        def forward(self, *args, **kwargs):
+            out, weights = super().forward(*args, **kwargs)
+            return 3.0 * out, weights
+
+    ref_plain = _losses(tiny_model, tokenizer, MEMoEEditor, layer=0)
+    for i in (1, 2):  # the checked (first upper) block, then another upper block
+        blocks[i].self_attn.__class__ = Squashed
+        try:
+            ref = _losses(tiny_model, tokenizer, MEMoEEditor, layer=0)
+            editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=0, steps=4, lr=1e-2, impl="reference",
+                                                                        gate_noise=0.0))
+            try:
+                fast, prefix = _trained_prefix(editor)
+            finally:
+                editor.handle.remove()
+        finally:
+            blocks[i].self_attn.__class__ = plain
+        assert ref != pytest.approx(ref_plain), "the squashed attention must change the function"
+        assert prefix.fused is None
+        assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
