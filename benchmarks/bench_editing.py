@@ -20,14 +20,20 @@ losses, so they stop after the same step; the benchmark checks that they did. Th
 times depends a little on the number of steps: the fast editor pays once for the frozen prefix
 (~0.7 s here) and then ~3.3x less per step.
 
+The speed-up is read from ``test_edit_30_interleaved``: the two editors alternate, round by round
+(fresh editors, training only), so that the slow drifts of a shared machine's speed (+-10% over
+minutes here) hit both alike; the two single runs above give the metrics and the peak memory.
+
 Environment: ``MEMOE_BENCH_EDIT_STEPS`` (a fixed number of steps for both editors, without the early
-stop, instead of the default recipe), ``MEMOE_BENCH_THREADS`` (torch threads, as in bench_kernels.py).
+stop, instead of the default recipe), ``MEMOE_BENCH_EDIT_ROUNDS`` (interleaved rounds, default 2),
+``MEMOE_BENCH_THREADS`` (torch threads, as in bench_kernels.py).
 """
 from __future__ import annotations
 
 import ctypes
 import gc
 import os
+import statistics
 import threading
 import time
 
@@ -43,6 +49,8 @@ from memoe_fast.metrics import evaluate, locality_tokens
 PROVIDERS = {"reference": MEMoEEditor, "fast": FastMEMoEEditor}
 N_EDITS = 30
 FIXED_STEPS = int(os.environ["MEMOE_BENCH_EDIT_STEPS"]) if os.environ.get("MEMOE_BENCH_EDIT_STEPS") else None
+ROUNDS = int(os.environ.get("MEMOE_BENCH_EDIT_ROUNDS", 2))
+RECIPE = "default recipe" if FIXED_STEPS is None else f"{FIXED_STEPS} steps"
 SEED = 0
 METRICS = ("reliability", "generality", "locality")
 MIN_SPEEDUP = 3.0  # the issue's target for fast vs reference; reported, not asserted (machine load)
@@ -118,8 +126,7 @@ def setup():
 def test_edit_30(benchmark, setup, provider):
     model, tok, requests, pre_loc = setup
     editor = PROVIDERS[provider](model, tok, config())
-    recipe = "default recipe" if FIXED_STEPS is None else f"{FIXED_STEPS} steps"
-    benchmark.group = f"edit {len(requests)} demo requests, {recipe} (SmolLM2-135M, CPU)"
+    benchmark.group = f"edit {len(requests)} demo requests, {RECIPE} (SmolLM2-135M, CPU)"
     load_before = os.getloadavg()[0]
     out = {}
 
@@ -147,11 +154,40 @@ def test_edit_30(benchmark, setup, provider):
         ref, fast = _RESULTS["reference"], _RESULTS["fast"]
         speedup = ref["seconds"] / fast["seconds"]
         benchmark.extra_info["speedup_vs_reference"] = speedup
-        print(f"fast vs reference: {speedup:.2f}x faster (target >= {MIN_SPEEDUP:.0f}x: "
-              f"{'met' if speedup >= MIN_SPEEDUP else 'MISSED'}), peak memory "
-              f"{fast['peak_rss_delta_mib']:.0f} vs {ref['peak_rss_delta_mib']:.0f} MiB")
+        print(f"fast vs reference, these two runs: {speedup:.2f}x faster (the interleaved rounds below decide), "
+              f"peak memory {fast['peak_rss_delta_mib']:.0f} vs {ref['peak_rss_delta_mib']:.0f} MiB")
         # Both editors train the same function from the same seed: the edits must agree.
         assert ref["steps"] == fast["steps"], f"steps: reference {ref['steps']} vs fast {fast['steps']}"
         for k in METRICS:
             assert abs(ref[k] - fast[k]) <= METRIC_TOL, f"{k}: reference {ref[k]:.3f} vs fast {fast[k]:.3f}"
         assert abs(ref["final_loss"] - fast["final_loss"]) <= 1e-3 * abs(ref["final_loss"])
+
+
+def test_edit_30_interleaved(benchmark, setup):
+    """Reference and fast editor alternated for ``ROUNDS`` rounds on the same 30 edits: the speed-up."""
+    model, tok, requests, _ = setup
+    times = {p: [] for p in PROVIDERS}
+    steps = {p: set() for p in PROVIDERS}
+
+    def interleaved():
+        for _ in range(ROUNDS):
+            for provider, cls in PROVIDERS.items():
+                editor = cls(model, tok, config())
+                try:
+                    t0 = time.perf_counter()
+                    out = editor.edit(requests, mode="batch", evaluate=False)
+                    times[provider].append(time.perf_counter() - t0)
+                finally:
+                    editor.handle.remove()
+                steps[provider].add(len(out["losses"][0]))
+
+    benchmark.group = f"interleaved reference / fast: edit {len(requests)} demo requests, {RECIPE}, {ROUNDS} rounds"
+    benchmark.pedantic(interleaved, rounds=1, iterations=1, warmup_rounds=0)
+    med = {p: statistics.median(v) for p, v in times.items()}
+    speedup = med["reference"] / med["fast"]
+    benchmark.extra_info.update(provider="interleaved", reference_s=[round(t, 2) for t in times["reference"]],
+                                fast_s=[round(t, 2) for t in times["fast"]], speedup=round(speedup, 3),
+                                steps=sorted(steps["fast"]), threads=torch.get_num_threads())
+    print(f"\ninterleaved: reference {times['reference']} s, fast {times['fast']} s -> fast {speedup:.2f}x faster "
+          f"(target >= {MIN_SPEEDUP:.0f}x: {'met' if speedup >= MIN_SPEEDUP else 'MISSED'})")
+    assert steps["reference"] == steps["fast"] and len(steps["fast"]) == 1, steps

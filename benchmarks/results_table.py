@@ -21,11 +21,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 SECTIONS = {  # benchmark file -> (heading, baseline provider, extra_info columns)
     "bench_editing.py": ("## Editing", "reference",
-                         ("reliability", "generality", "locality", "peak_rss_delta_mib", "steps", "final_loss")),
+                         ("reliability", "generality", "locality", "peak_rss_delta_mib", "steps", "final_loss",
+                          "reference_s", "fast_s", "speedup")),
     "bench_inference.py": ("## Inference", "base", ("prompt_tokens",)),
     "bench_kernels.py": ("## Kernels (CPU)", "floor", ()),
 }
-HEADERS = {"peak_rss_delta_mib": "peak RSS +MiB", "final_loss": "final loss", "prompt_tokens": "prompt tokens"}
+HEADERS = {"peak_rss_delta_mib": "peak RSS +MiB", "final_loss": "final loss", "prompt_tokens": "prompt tokens",
+           "reference_s": "reference runs (s)", "fast_s": "fast runs (s)", "speedup": "fast vs reference"}
 
 
 def _fmt_time(seconds: float) -> str:
