@@ -23,7 +23,8 @@ SECTIONS = {  # benchmark file -> (heading, baseline provider, extra_info column
     "bench_editing.py": ("## Editing", "reference",
                          ("reliability", "generality", "locality", "peak_rss_delta_mib", "steps", "final_loss",
                           "reference_s", "fast_s", "speedup")),
-    "bench_inference.py": ("## Inference", "base", ("prompt_tokens",)),
+    "bench_inference.py": ("## Inference", "base", ("prompt_tokens", "prefill_in_scope_ratio", "prefill_unrelated_ratio",
+                                                    "generate_in_scope_ratio", "generate_unrelated_ratio")),
     "bench_kernels.py": ("## Kernels (CPU)", "floor", ()),
 }
 HEADERS = {"peak_rss_delta_mib": "peak RSS +MiB", "final_loss": "final loss", "prompt_tokens": "prompt tokens",
