@@ -281,7 +281,8 @@ def check_fast_equals_reference(device: torch.device, n: int = 12, steps: int = 
             def spy(sub, capture=capture):
                 prefix = capture(sub)
                 used.update(packed=prefix.packed is not None, packed_attention="memoe_packed" in prefix.kwargs,
-                            cached_edited_block=prefix.base_out is not None, last_block_at_rows=prefix.last_at_rows)
+                            cached_edited_block=prefix.base_out is not None, last_block_at_rows=prefix.last_at_rows,
+                            one_node_blocks=prefix.fused is not None)
                 return prefix
 
             editor._frozen_prefix = spy

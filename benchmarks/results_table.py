@@ -25,10 +25,11 @@ SECTIONS = {  # benchmark file -> (heading, baseline provider, extra_info column
                           "reference_s", "fast_s", "speedup")),
     "bench_inference.py": ("## Inference", "base", ("prompt_tokens", "prefill_in_scope_ratio", "prefill_unrelated_ratio",
                                                     "generate_in_scope_ratio", "generate_unrelated_ratio")),
-    "bench_kernels.py": ("## Kernels (CPU)", "floor", ()),
+    "bench_kernels.py": ("## Kernels (CPU)", "floor", ("ratio",)),
 }
 HEADERS = {"peak_rss_delta_mib": "peak RSS +MiB", "final_loss": "final loss", "prompt_tokens": "prompt tokens",
-           "reference_s": "reference runs (s)", "fast_s": "fast runs (s)", "speedup": "fast vs reference"}
+           "reference_s": "reference runs (s)", "fast_s": "fast runs (s)", "speedup": "fast vs reference",
+           "ratio": "torch / floor (medians)"}
 
 
 def _fmt_time(seconds: float) -> str:
