@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import Packed
+from .packing import Packed, from_padded, to_padded
 
 
 def untouched(module: nn.Module) -> bool:
@@ -99,19 +99,12 @@ class _FrozenBlock(torch.autograd.Function):
         q = rotary(lin(n1, attn.q_proj).view(n, -1, hd))
         k = rotary(lin(n1, attn.k_proj).view(n, -1, hd))
         v = lin(n1, attn.v_proj).view(n, -1, hd)
-        n_seq, length = pk.pad_mask.shape[0], pk.length
-
-        def padded(t):
-            h = t.shape[1]
-            flat = t.new_zeros(n_seq * length, h, hd).index_copy_(0, pk.slots, t)
-            return flat.view(n_seq, length, h, hd).transpose(1, 2).detach().requires_grad_()
-
         with torch.enable_grad():  # attention keeps its own small graph for the backward
-            qp, kp, vp = padded(q), padded(k), padded(v)
+            qp, kp, vp = (to_padded(t, pk).detach().requires_grad_() for t in (q, k, v))
             groups = qp.shape[1] // kp.shape[1]
             kr, vr = (kp, vp) if groups == 1 else (kp.repeat_interleave(groups, 1), vp.repeat_interleave(groups, 1))
             o = F.scaled_dot_product_attention(qp, kr, vr, attn_mask=pk.pad_mask, scale=attn.scaling)
-        o_rows = o.detach().transpose(1, 2).reshape(n_seq * length, -1).index_select(0, pk.slots)
+        o_rows = from_padded(o.detach(), pk).reshape(n, -1)
         h = x2 + lin(o_rows, attn.o_proj)
         n2, xh2, r2 = _rms(h, block.post_attention_layernorm)
         gate, up = lin(n2, mlp.gate_proj), lin(n2, mlp.up_proj)
@@ -137,18 +130,11 @@ class _FrozenBlock(torch.autograd.Function):
         g_n2 = torch.addmm(g_gate @ mlp.gate_proj.weight, g_up, mlp.up_proj.weight)
         g_h = g + _rms_adjoint(g_n2, xh2, r2, block.post_attention_layernorm)
         # Attention: h = x + o_proj(attention(rope(q), rope(k), v))
-        g_o = g_h @ attn.o_proj.weight
-        n_seq, length = pk.pad_mask.shape[0], pk.length
-        g_o = g_o.new_zeros(n_seq * length, g_o.shape[1]).index_copy_(0, pk.slots, g_o)
-        g_o = g_o.view(n_seq, length, -1, hd).transpose(1, 2)
+        g_o = to_padded((g_h @ attn.o_proj.weight).view(n, -1, hd), pk)
         gq, gk, gv = torch.autograd.grad(o, (qp, kp, vp), g_o)
-
-        def rows(t):
-            return t.transpose(1, 2).reshape(n_seq * length, -1, hd).index_select(0, pk.slots)
-
-        gq = rotary.adjoint(rows(gq)).reshape(n, -1)
-        gk = rotary.adjoint(rows(gk)).reshape(n, -1)
-        gv = rows(gv).reshape(n, -1)
+        gq = rotary.adjoint(from_padded(gq, pk)).reshape(n, -1)
+        gk = rotary.adjoint(from_padded(gk, pk)).reshape(n, -1)
+        gv = from_padded(gv, pk).reshape(n, -1)
         g_n1 = torch.addmm(torch.addmm(gq @ attn.q_proj.weight, gk, attn.k_proj.weight), gv, attn.v_proj.weight)
         g_x = g_h + _rms_adjoint(g_n1, xh1, r1, block.input_layernorm)
         return g_x.view_as(grad), None, None, None, None

@@ -127,20 +127,24 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     pk = memoe_packed
-    n_seq, length = pk.pad_mask.shape[0], pk.length
-
-    def to_padded(t):  # (1, h, N, d) -> (B, h, L, d), zeros in the padding
-        h, d = t.shape[1], t.shape[3]
-        flat = t.new_zeros(n_seq * length, h, d).index_copy(0, pk.slots, t[0].transpose(0, 1))
-        return flat.view(n_seq, length, h, d).transpose(1, 2)
-
-    q, k, v = to_padded(query), to_padded(key), to_padded(value)
+    q, k, v = (to_padded(t[0].transpose(0, 1), pk) for t in (query, key, value))
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.pad_mask, scale=scaling)
-    out = out.transpose(1, 2).reshape(n_seq * length, *out.shape[1:2], out.shape[3]).index_select(0, pk.slots)
-    return out.unsqueeze(0), None  # (1, N, H, d), as transformers' attention functions return it
+    return from_padded(out, pk).unsqueeze(0), None  # (1, N, H, d), as transformers' attention functions return it
+
+
+def to_padded(rows: torch.Tensor, pk: Packed) -> torch.Tensor:
+    """Packed per-head rows ``(N, h, d)`` -> the padded layout ``(B, h, L, d)``, zeros in the padding."""
+    n_seq, (h, d) = pk.pad_mask.shape[0], rows.shape[1:]
+    flat = rows.new_zeros(n_seq * pk.length, h, d).index_copy_(0, pk.slots, rows)
+    return flat.view(n_seq, pk.length, h, d).transpose(1, 2)
+
+
+def from_padded(t: torch.Tensor, pk: Packed) -> torch.Tensor:
+    """The padded layout ``(B, h, L, d)`` -> the packed rows ``(N, h, d)``."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).index_select(0, pk.slots)
 
 
 def register_packed_attention() -> str:
