@@ -155,7 +155,8 @@ def cmd_edit(args) -> int:
     result["timings"]["total_s"] = time.perf_counter() - t0
     result["timings"]["per_edit_s"] = result["timings"]["edit_s"] / len(requests)
     result.update({
-        "model": args.model, "data": args.data, "editor": args.editor, "load_in_8bit": args.load_in_8bit,
+        "model": args.model, "data": args.data, "editor": args.editor, "editor_options": extra,
+        "prepacked": bool(getattr(editor, "prepacked_last", False)), "load_in_8bit": args.load_in_8bit,
         "impl": resolve_impl(editor.handle.bypass.impl, editor.device), "config": config.to_dict(), "layer": editor.handle.layer,
         "memory": peak_memory_mib(), "versions": _versions(), "device": str(editor.device),
     })

@@ -110,6 +110,7 @@ class FastMEMoEEditor(MEMoEEditor):
         self.pack = pack
         self.prepack = prepack
         self._prepacked: PrepackedLinears | None = None
+        self.prepacked_last = False  # whether the last training batch ran with packed weights
         self.checkpoint = checkpoint
         self.micro_batch = micro_batch
         self.blocks = transformer_blocks(self.model)
@@ -310,7 +311,9 @@ class FastMEMoEEditor(MEMoEEditor):
             self._prepacked = PrepackedLinears([*self.blocks[self.handle.layer + 1:], self.model.get_output_embeddings()])
 
     def finish(self) -> None:
-        self._prefix = None  # the cached states and the packed weights are freed after training
+        # The cached states and the packed weights are freed after training.
+        self.prepacked_last = self._prepacked is not None and self._prepacked.active
+        self._prefix = None
         self._prepacked = None
 
     def _linears(self):

@@ -50,6 +50,10 @@ def test_edit_then_generate_on_the_embedded_model(tmp_path, capsys, embedded):
     assert result["n_edits"] == 3 and len(result["post"]["per_example"]) == 3
     assert result["post"]["reliability"] > result["pre"]["reliability"]
     assert {"config", "timings", "versions", "memory"} <= set(result)
+    from memoe_fast.prepack import prepack_available
+
+    assert result["editor_options"]["prepack"] is True  # the default
+    assert result["prepacked"] is prepack_available()  # on the CPU, wherever oneDNN is there
     assert sorted(os.listdir(out / "edits")) == ["bypass.safetensors", "memoe.json"]
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temporary leftovers
     from memoe_fast.datasets import load_demo
@@ -57,3 +61,10 @@ def test_edit_then_generate_on_the_embedded_model(tmp_path, capsys, embedded):
     req = load_demo(1)[0]
     assert main(["generate", "--edits", str(out / "edits"), "--max-new-tokens", "3", req.prompt]) == 0
     assert req.target.split()[0] in capsys.readouterr().out
+
+
+def test_no_prepack_flag_edits_without_packed_weights(tmp_path, embedded):
+    out = tmp_path / "run"
+    assert main(["edit", "--n", "2", "--steps", "2", "--no-prepack", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["editor_options"]["prepack"] is False and result["prepacked"] is False
