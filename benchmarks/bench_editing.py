@@ -187,7 +187,8 @@ def test_edit_30_interleaved(benchmark, setup):
     speedup = med["reference"] / med["fast"]
     benchmark.extra_info.update(provider="interleaved", reference_s=[round(t, 2) for t in times["reference"]],
                                 fast_s=[round(t, 2) for t in times["fast"]], speedup=round(speedup, 3),
-                                steps=sorted(steps["fast"]), threads=torch.get_num_threads())
+                                steps=sorted(steps["fast"]), threads=torch.get_num_threads(),
+                                loadavg_1min=round(os.getloadavg()[0], 2))
     print(f"\ninterleaved: reference {times['reference']} s, fast {times['fast']} s -> fast {speedup:.2f}x faster "
           f"(target >= {MIN_SPEEDUP:.0f}x: {'met' if speedup >= MIN_SPEEDUP else 'MISSED'})")
     assert steps["reference"] == steps["fast"] and len(steps["fast"]) == 1, steps

@@ -144,6 +144,7 @@ def test_inference_interleaved(benchmark, setup):
     benchmark.pedantic(interleaved, rounds=1, iterations=1, warmup_rounds=0)
     ratios = {w: statistics.median(times[(w, "edited")]) / statistics.median(times[(w, "base")]) for w in WORKLOADS}
     benchmark.extra_info.update(provider="interleaved", threads=torch.get_num_threads(),
+                                loadavg_1min=round(os.getloadavg()[0], 2),
                                 **{f"{w}_ratio": round(r, 3) for w, r in ratios.items()})
     print("\ninterleaved edited/base: " + ", ".join(f"{w} {r:.3f}x" for w, r in ratios.items())
           + f" (target <= {MAX_OVERHEAD:.2f}x: {'met' if max(ratios.values()) <= MAX_OVERHEAD else 'MISSED'})")

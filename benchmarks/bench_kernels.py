@@ -118,7 +118,7 @@ def test_interleaved_torch_vs_floor(benchmark, bench_ratios):
     benchmark.group = "interleaved torch vs floor (total time of all rounds)"
     benchmark.pedantic(interleaved, rounds=1, iterations=1, warmup_rounds=0)
     med = {p: statistics.median(v) * 1e3 for p, v in times.items()}
-    benchmark.extra_info.update(median_ms=med, ratio=med["torch"] / med["floor"])
+    benchmark.extra_info.update(median_ms=med, ratio=med["torch"] / med["floor"], loadavg_1min=round(os.getloadavg()[0], 2))
     interleaved_group = bench_ratios.group("interleaved")
     interleaved_group["floor"] = med["floor"]
     interleaved_group["torch"] = med["torch"]
