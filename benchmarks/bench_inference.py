@@ -77,22 +77,28 @@ def _clear_anchor_caches(handle):
         del bank._vec_cache[key]
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("workload", WORKLOADS)
-def test_inference(benchmark, setup, workload, provider):
+def _workload_fn(setup, workload: str, provider: str):
+    """The timed call: a prefill (one forward) or a greedy generation, of ``provider``'s model."""
     mode, scope = workload.split("_", 1)
     model = setup["base"] if provider == "base" else setup["edited"]
     enc, tok = setup["enc"][scope], setup["tok"]
 
-    if mode == "prefill":
-        def fn():
-            with torch.no_grad():
+    def fn():
+        with torch.no_grad():
+            if mode == "prefill":
                 return model(**enc, use_cache=True).logits
-    else:
-        def fn():
-            with torch.no_grad():
-                return model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)
+            return model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                  pad_token_id=tok.pad_token_id)
+
+    return fn
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_inference(benchmark, setup, workload, provider):
+    mode, scope = workload.split("_", 1)
+    enc = setup["enc"][scope]
+    fn = _workload_fn(setup, workload, provider)
 
     setup_fn = None
     if provider == "edited":
@@ -116,28 +122,19 @@ def test_inference_interleaved(benchmark, setup):
     import statistics
     import time
 
-    tok = setup["tok"]
-
-    def call(model, mode, enc):
-        with torch.no_grad():
-            if mode == "prefill":
-                return model(**enc, use_cache=True).logits
-            return model.generate(**enc, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)
-
-    times = {(w, p): [] for w in WORKLOADS for p in ("base", "edited")}
+    fns = {(w, p): _workload_fn(setup, w, p) for w in WORKLOADS for p in ("base", "edited")}
+    times = {key: [] for key in fns}
 
     def interleaved():
         for r in range(3 * ROUNDS):
             for workload in WORKLOADS:
-                mode, scope = workload.split("_", 1)
-                if mode == "generate" and r >= max(3, ROUNDS - 2):
+                if workload.startswith("generate") and r >= max(3, ROUNDS - 2):
                     continue  # a prefill is ~6x shorter than a generation: 3x the rounds, for as stable a median
                 for provider in ("base", "edited"):
                     if provider == "edited":
                         _clear_anchor_caches(setup["handle"])
                     t0 = time.perf_counter()
-                    call(setup[provider], mode, setup["enc"][scope])
+                    fns[(workload, provider)]()
                     times[(workload, provider)].append(time.perf_counter() - t0)
 
     benchmark.group = f"interleaved edited / base, batch {N_PROMPTS} (total time of all rounds)"

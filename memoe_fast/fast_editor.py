@@ -147,20 +147,17 @@ class FastMEMoEEditor(MEMoEEditor):
         layer = self.handle.layer
         packed = None
         if self.pack:
-            args, kwargs = self._capture(sub, 0)
-            args, kwargs, packed = pack_block_inputs(args, kwargs, sub)
-            if packed is not None:
-                agrees, first = self._packed_attention_agrees(args, kwargs, packed)
-                if agrees:
-                    kwargs = {**kwargs, "memoe_packed": packed}
-                if layer > 0:  # the check ran block 0 already: carry on from block 1
-                    with torch.no_grad(), self.handle.disabled(), self._attention(kwargs):
-                        hidden = _run_blocks(self.blocks[1:layer], (first, *args[1:]), kwargs)
-                    args = (hidden, *args[1:])
-            else:
-                args, kwargs = self._capture(sub, layer)
-        else:
+            args, kwargs, packed = pack_block_inputs(*self._capture(sub, 0), sub)
+        if packed is None:
             args, kwargs = self._capture(sub, layer)
+        else:
+            agrees, first = self._packed_attention_agrees(args, kwargs, packed)
+            if agrees:
+                kwargs = {**kwargs, "memoe_packed": packed}
+            if layer > 0:  # the check ran block 0 already: carry on from block 1
+                with torch.no_grad(), self.handle.disabled(), self._attention(kwargs):
+                    hidden = _run_blocks(self.blocks[1:layer], (first, *args[1:]), kwargs)
+                args = (hidden, *args[1:])
         with self._attention(kwargs):
             mlp_in, base_out = self._split_edited_block(args, kwargs)
         if packed is not None:
@@ -195,9 +192,7 @@ class FastMEMoEEditor(MEMoEEditor):
                 y.backward(cot)
                 outs.append(y.detach())
                 grads.append(h.grad)
-        scale = lambda t: 16 * torch.finfo(t.dtype).eps * float(t.abs().max())  # noqa: E731
-        if (torch.allclose(outs[1], outs[0], rtol=1e-4, atol=scale(outs[0]))
-                and torch.allclose(grads[1], grads[0], rtol=1e-3, atol=64 * scale(grads[0]) / 16)):
+        if _agree(outs[1], outs[0], rtol=1e-4) and _agree(grads[1], grads[0], rtol=1e-3, ulps=64):
             return fused
         return None
 
@@ -214,8 +209,7 @@ class FastMEMoEEditor(MEMoEEditor):
             except NotImplementedError:
                 return False
             whole = _hidden(self.blocks[-1](hidden, *prefix.args[1:], **prefix.kwargs))[0, prefix.rows]
-        tol = 16 * torch.finfo(whole.dtype).eps * float(whole.abs().max())
-        return part is not None and part.shape == whole.shape and torch.allclose(part, whole, rtol=1e-4, atol=tol)
+        return _agree(part, whole, rtol=1e-4)
 
     def _attention(self, kwargs: dict):
         """The packed attention, for inputs that carry their packing (see :func:`packed_sdpa`)."""
@@ -235,8 +229,7 @@ class FastMEMoEEditor(MEMoEEditor):
                 return False, plain
             with packed_attention(self._attn_configs):
                 fast = _hidden(block(*args, **{**kwargs, "memoe_packed": packed}))
-        tol = 16 * torch.finfo(plain.dtype).eps * float(plain.abs().max())
-        if not torch.allclose(fast, plain, rtol=1e-4, atol=tol):
+        if not _agree(fast, plain, rtol=1e-4):
             self._attn_configs = None
             return False, plain
         return True, fast
@@ -274,8 +267,7 @@ class FastMEMoEEditor(MEMoEEditor):
             finally:
                 h.remove()
         scale = float(base_out.abs().max()) + float(delta.abs().max())
-        tol = 16 * torch.finfo(base_out.dtype).eps * scale
-        if not torch.allclose((moved.float() - base_out.float()), delta.float(), rtol=0, atol=tol):
+        if not _agree(moved.float() - base_out.float(), delta.float(), rtol=0, scale=scale):
             return None, None
         return store["x"], base_out
 
@@ -382,6 +374,14 @@ class Prefix:
         self.targets = targets  # (Nt,) the target token at each of those rows
         self.last_at_rows = False  # the last block runs at ``rows`` only (checked by the editor)
         self.fused = None  # FrozenBlocks: the upper blocks as one autograd node each (checked by the editor)
+
+
+def _agree(got: torch.Tensor, want: torch.Tensor, rtol: float, ulps: int = 16, scale: float | None = None) -> bool:
+    """``got`` equals ``want`` up to rounding: ``rtol``, plus ``ulps`` units of ``want``'s precision at
+    ``scale`` (default: the largest magnitude in ``want``)."""
+    scale = float(want.abs().max()) if scale is None else scale
+    atol = ulps * torch.finfo(want.dtype).eps * scale
+    return got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol)
 
 
 def _layout(module) -> list:

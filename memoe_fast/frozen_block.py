@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import Packed, from_padded, to_padded
+from .packing import Packed, attend_packed
+from .prepack import _packed_linear
 
 
 def untouched(module: nn.Module) -> bool:
@@ -82,8 +83,6 @@ def _rms_adjoint(g, xh, r, norm):
 def _linear(x, module, packed):
     if packed is None:
         return F.linear(x, module.weight, module.bias)
-    from .prepack import _packed_linear
-
     return _packed_linear(x, packed, module.bias)
 
 
@@ -100,25 +99,22 @@ class _FrozenBlock(torch.autograd.Function):
         k = rotary(lin(n1, attn.k_proj).view(n, -1, hd))
         v = lin(n1, attn.v_proj).view(n, -1, hd)
         with torch.enable_grad():  # attention keeps its own small graph for the backward
-            qp, kp, vp = (to_padded(t, pk).detach().requires_grad_() for t in (q, k, v))
-            groups = qp.shape[1] // kp.shape[1]
-            kr, vr = (kp, vp) if groups == 1 else (kp.repeat_interleave(groups, 1), vp.repeat_interleave(groups, 1))
-            o = F.scaled_dot_product_attention(qp, kr, vr, attn_mask=pk.pad_mask, scale=attn.scaling)
-        o_rows = from_padded(o.detach(), pk).reshape(n, -1)
-        h = x2 + lin(o_rows, attn.o_proj)
+            qa, ka, va = (t.detach().requires_grad_() for t in (q, k, v))
+            o = attend_packed(qa, ka, va, pk, attn.scaling)
+        h = x2 + lin(o.detach().reshape(n, -1), attn.o_proj)
         n2, xh2, r2 = _rms(h, block.post_attention_layernorm)
         gate, up = lin(n2, mlp.gate_proj), lin(n2, mlp.up_proj)
         y = h + lin(F.silu(gate) * up, mlp.down_proj)
-        ctx.block, ctx.pk, ctx.rotary, ctx.attn_graph = block, pk, rotary, (qp, kp, vp, o)
+        ctx.block, ctx.rotary, ctx.attn_graph = block, rotary, (qa, ka, va, o)
         ctx.save_for_backward(xh1, r1, xh2, r2, gate, up)
         return y.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         xh1, r1, xh2, r2, gate, up = ctx.saved_tensors
-        block, pk, rotary = ctx.block, ctx.pk, ctx.rotary
+        block, rotary = ctx.block, ctx.rotary
         attn, mlp = block.self_attn, block.mlp
-        qp, kp, vp, o = ctx.attn_graph
+        qa, ka, va, o = ctx.attn_graph
         n, d_model = xh1.shape
         hd = attn.head_dim
         g = grad.reshape(n, d_model)
@@ -130,11 +126,10 @@ class _FrozenBlock(torch.autograd.Function):
         g_n2 = torch.addmm(g_gate @ mlp.gate_proj.weight, g_up, mlp.up_proj.weight)
         g_h = g + _rms_adjoint(g_n2, xh2, r2, block.post_attention_layernorm)
         # Attention: h = x + o_proj(attention(rope(q), rope(k), v))
-        g_o = to_padded((g_h @ attn.o_proj.weight).view(n, -1, hd), pk)
-        gq, gk, gv = torch.autograd.grad(o, (qp, kp, vp), g_o)
-        gq = rotary.adjoint(from_padded(gq, pk)).reshape(n, -1)
-        gk = rotary.adjoint(from_padded(gk, pk)).reshape(n, -1)
-        gv = from_padded(gv, pk).reshape(n, -1)
+        gq, gk, gv = torch.autograd.grad(o, (qa, ka, va), (g_h @ attn.o_proj.weight).view(n, -1, hd))
+        gq = rotary.adjoint(gq).reshape(n, -1)
+        gk = rotary.adjoint(gk).reshape(n, -1)
+        gv = gv.reshape(n, -1)
         g_n1 = torch.addmm(torch.addmm(gq @ attn.q_proj.weight, gk, attn.k_proj.weight), gv, attn.v_proj.weight)
         g_x = g_h + _rms_adjoint(g_n1, xh1, r1, block.input_layernorm)
         return g_x.view_as(grad), None, None, None, None

@@ -126,23 +126,28 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
             or (dropout > 0 and module.training) or kwargs.get("position_bias") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    pk = memoe_packed
-    q, k, v = (to_padded(t[0].transpose(0, 1), pk) for t in (query, key, value))
-    groups = q.shape[1] // k.shape[1]
+    rows = attend_packed(*(t[0].transpose(0, 1) for t in (query, key, value)), memoe_packed, scaling)
+    return rows.unsqueeze(0), None  # (1, N, H, d), as transformers' attention functions return it
+
+
+def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: Packed, scale=None) -> torch.Tensor:
+    """Causal attention of packed per-head rows, each sequence on its own: ``q`` ``(N, H, d)``, ``k``/``v``
+    ``(N, Hkv, d)`` (grouped-query heads allowed) -> ``(N, H, d)``, computed on the padded layout."""
+    qp, kp, vp = (_to_padded(t, pk) for t in (q, k, v))
+    groups = qp.shape[1] // kp.shape[1]
     if groups > 1:
-        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.pad_mask, scale=scaling)
-    return from_padded(out, pk).unsqueeze(0), None  # (1, N, H, d), as transformers' attention functions return it
+        kp, vp = (t.repeat_interleave(groups, dim=1) for t in (kp, vp))
+    return _from_padded(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=pk.pad_mask, scale=scale), pk)
 
 
-def to_padded(rows: torch.Tensor, pk: Packed) -> torch.Tensor:
+def _to_padded(rows: torch.Tensor, pk: Packed) -> torch.Tensor:
     """Packed per-head rows ``(N, h, d)`` -> the padded layout ``(B, h, L, d)``, zeros in the padding."""
     n_seq, (h, d) = pk.pad_mask.shape[0], rows.shape[1:]
     flat = rows.new_zeros(n_seq * pk.length, h, d).index_copy_(0, pk.slots, rows)
     return flat.view(n_seq, pk.length, h, d).transpose(1, 2)
 
 
-def from_padded(t: torch.Tensor, pk: Packed) -> torch.Tensor:
+def _from_padded(t: torch.Tensor, pk: Packed) -> torch.Tensor:
     """The padded layout ``(B, h, L, d)`` -> the packed rows ``(N, h, d)``."""
     return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).index_select(0, pk.slots)
 
