@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["memoe_fast", "memoe_fast.ops", "memoe_fast.kernels", "memoe_fast.data"],
+    packages=["memoe_fast", "memoe_fast.ops", "memoe_fast.editing", "memoe_fast.kernels", "memoe_fast.data"],
     package_dir={"memoe_fast": "memoe_fast", "memoe_fast.kernels": "kernels"},
     package_data={"memoe_fast.data": ["*.json"]},
     install_requires=[

@@ -42,8 +42,8 @@ import torch
 
 from memoe_fast import MEMoEConfig
 from memoe_fast.datasets import load_demo
-from memoe_fast.editor import MEMoEEditor
-from memoe_fast.fast_editor import FastMEMoEEditor
+from memoe_fast.editing.editor import MEMoEEditor
+from memoe_fast.editing.fast_editor import FastMEMoEEditor
 from memoe_fast.metrics import evaluate, locality_tokens
 
 PROVIDERS = {"reference": MEMoEEditor, "fast": FastMEMoEEditor}

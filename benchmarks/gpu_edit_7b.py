@@ -208,8 +208,8 @@ def _sync(device):
 
 def run_editor(kind: str, model, tok, requests, args, device, cap_gib) -> dict:
     from memoe_fast import MEMoEConfig
-    from memoe_fast.editor import MEMoEEditor
-    from memoe_fast.fast_editor import FastMEMoEEditor
+    from memoe_fast.editing.editor import MEMoEEditor
+    from memoe_fast.editing.fast_editor import FastMEMoEEditor
     from memoe_fast.ops.moe import resolve_impl
 
     config = MEMoEConfig(steps=args.steps, seed=0, expert_dtype=args.expert_dtype, impl=args.impl)
@@ -261,8 +261,8 @@ def check_fast_equals_reference(device: torch.device, n: int = 12, steps: int = 
     the fast editor's shortcuts (packed rows and their attention, the cached edited block, the last
     block at the target rows, target-only logits) must give the reference editor's losses."""
     from memoe_fast import MEMoEConfig
-    from memoe_fast.editor import MEMoEEditor
-    from memoe_fast.fast_editor import FastMEMoEEditor
+    from memoe_fast.editing.editor import MEMoEEditor
+    from memoe_fast.editing.fast_editor import FastMEMoEEditor
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -144,9 +144,9 @@ def cmd_edit(args) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, load_in_8bit=args.load_in_8bit, device=args.device)
     load_s = time.perf_counter() - t0
     if args.editor == "fast":
-        from .fast_editor import FastMEMoEEditor as Editor
+        from .editing.fast_editor import FastMEMoEEditor as Editor
     else:
-        from .editor import MEMoEEditor as Editor
+        from .editing.editor import MEMoEEditor as Editor
     extra = ({"micro_batch": args.micro_batch, "checkpoint": args.checkpoint, "prepack": not args.no_prepack}
              if args.editor == "fast" else {})
     editor = Editor(model, tokenizer, config, progress=progress, **extra)

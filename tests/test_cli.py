@@ -50,7 +50,7 @@ def test_edit_then_generate_on_the_embedded_model(tmp_path, capsys, embedded):
     assert result["n_edits"] == 3 and len(result["post"]["per_example"]) == 3
     assert result["post"]["reliability"] > result["pre"]["reliability"]
     assert {"config", "timings", "versions", "memory"} <= set(result)
-    from memoe_fast.prepack import prepack_available
+    from memoe_fast.editing.prepack import prepack_available
 
     assert result["editor_options"]["prepack"] is True  # the default
     assert result["prepacked"] is prepack_available()  # on the CPU, wherever oneDNN is there

@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 
 from memoe_fast import MEMoEConfig
 from memoe_fast.datasets import EditRequest, load_demo
-from memoe_fast.editor import MEMoEEditor
-from memoe_fast.fast_editor import FastMEMoEEditor
+from memoe_fast.editing.editor import MEMoEEditor
+from memoe_fast.editing.fast_editor import FastMEMoEEditor
 from memoe_fast.integration import transformer_blocks
 
 TINY_REQUESTS = [

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from memoe_fast.frozen_block import FrozenBlocks, supported
-from memoe_fast.packing import pack_block_inputs, packed_attention, attention_configs
+from memoe_fast.editing.frozen_block import FrozenBlocks, supported
+from memoe_fast.editing.packing import pack_block_inputs, packed_attention, attention_configs
 from memoe_fast.metrics import Batch
 
 

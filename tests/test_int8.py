@@ -10,8 +10,8 @@ import torch
 
 from memoe_fast import MEMoEConfig, apply_memoe
 from memoe_fast.datasets import EditRequest
-from memoe_fast.editor import MEMoEEditor
-from memoe_fast.fast_editor import FastMEMoEEditor
+from memoe_fast.editing.editor import MEMoEEditor
+from memoe_fast.editing.fast_editor import FastMEMoEEditor
 from memoe_fast.testing import TOLERANCES, assert_close
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from memoe_fast.prepack import PrepackedLinears, packable, prepack_available
+from memoe_fast.editing.prepack import PrepackedLinears, packable, prepack_available
 
 pytestmark = pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN linear ops")
 
@@ -60,7 +60,7 @@ def test_nothing_is_packed_beyond_the_memory_cap():
 def test_fast_editor_losses_do_not_depend_on_prepacking(tiny_model, tokenizer):
     from memoe_fast import MEMoEConfig
     from memoe_fast.datasets import EditRequest
-    from memoe_fast.fast_editor import FastMEMoEEditor
+    from memoe_fast.editing.fast_editor import FastMEMoEEditor
 
     requests = [EditRequest("The capital of France is", "Rome", "France", [], "Water boils at", "100 degrees"),
                 EditRequest("Apple was founded by", "Bill Gates", "Apple", [], "The Eiffel Tower is in", "Paris")]

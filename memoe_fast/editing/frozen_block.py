@@ -8,7 +8,7 @@ keeps a small one), saves what its backward reads, and the backward is written o
 the two RMSNorms and the rotary embedding in closed form, attention through its recorded graph.
 
 Scope: pre-norm blocks with RMSNorm, rotary attention (``rotate_half`` convention, grouped-query heads
-allowed, biases allowed) and a SiLU-gated MLP, in fp32 on one packed row (``memoe_fast.packing``).
+allowed, biases allowed) and a SiLU-gated MLP, in fp32 on one packed row (``memoe_fast.editing.packing``).
 :func:`supported` checks the structure; the fast editor also compares the output and the input gradient
 with the module's own on real states once per batch before using it.
 """
@@ -140,7 +140,7 @@ class FrozenBlocks:
 
     ``kwargs`` are the blocks' captured inputs (the packing in ``"memoe_packed"``, the rotary tables in
     ``"position_embeddings"``); ``packed_weights`` maps linears to oneDNN-packed weights
-    (``memoe_fast.prepack``), read at call time."""
+    (``memoe_fast.editing.prepack``), read at call time."""
 
     def __init__(self, kwargs: dict, packed_weights=None):
         self.pk = kwargs["memoe_packed"]

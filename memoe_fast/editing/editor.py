@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from .config import MEMoEConfig
-from .integration import MEMoEHandle, apply_memoe
-from .metrics import collate, encode_pair, evaluate, locality_tokens, target_logits
+from ..config import MEMoEConfig
+from ..integration import MEMoEHandle, apply_memoe
+from ..metrics import collate, encode_pair, evaluate, locality_tokens, target_logits
 
 MODES = ("batch", "sequential")
 

@@ -17,14 +17,14 @@
   with one, its routing counts).
 * No work on padding: each micro-batch runs as one packed row of its real tokens, with per-sequence
   positions; the linear layers see only real tokens, and attention runs per sequence on the padded
-  layout (``memoe_fast.packing``), which costs ~10x fewer scores than one block-diagonal mask.
+  layout (``memoe_fast.editing.packing``), which costs ~10x fewer scores than one block-diagonal mask.
 * No graph below the edited block and no weight gradients for frozen parameters; optional activation
   checkpointing of the upper blocks for long batches.
 * On the CPU, the upper blocks' frozen linears and the LM head run with weights packed once for
-  oneDNN (``memoe_fast.prepack``; one copy, held while training).
+  oneDNN (``memoe_fast.editing.prepack``; one copy, held while training).
 * Anchors and tokenisation computed once per text.
 
-It computes the same function as :class:`~memoe_fast.editor.MEMoEEditor` (tests compare the losses step
+It computes the same function as :class:`~memoe_fast.editing.editor.MEMoEEditor` (tests compare the losses step
 by step at the first, a middle and the last block).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import torch.utils.checkpoint
 
 from .editor import MEMoEEditor
-from .integration import transformer_blocks
+from ..integration import transformer_blocks
 from .packing import Packed, attention_configs, block_at_rows, pack_block_inputs, packed_attention  # noqa: F401
 from .frozen_block import FrozenBlocks, supported as frozen_block_supported
 from .prepack import PrepackedLinears
@@ -100,7 +100,7 @@ class FastMEMoEEditor(MEMoEEditor):
         pack: run each micro-batch as one packed row of its real tokens (no padding), with a
             block-diagonal causal mask, instead of a padded ``(B, L)`` batch.
         prepack: on the CPU, run the upper blocks' frozen fp32 linears and the LM head with weights packed
-            once for oneDNN (see :mod:`memoe_fast.prepack`; one packed copy of those weights, held while
+            once for oneDNN (see :mod:`memoe_fast.editing.prepack`; one packed copy of those weights, held while
             training: ~310 MiB for SmolLM2-135M).
     """
 
@@ -171,7 +171,7 @@ class FastMEMoEEditor(MEMoEEditor):
         return prefix
 
     def _frozen_blocks(self, prefix: "Prefix") -> FrozenBlocks | None:
-        """The one-node runner of the upper blocks (:mod:`memoe_fast.frozen_block`) where it applies: CPU,
+        """The one-node runner of the upper blocks (:mod:`memoe_fast.editing.frozen_block`) where it applies: CPU,
         fp32, packed rows with the packed attention, no checkpointing, LLaMA-style blocks. Checked on the
         first upper block, output and input gradient against the block's own, before it is used."""
         upper = self.blocks[self.handle.layer + 1:]
@@ -409,7 +409,7 @@ def _run_blocks(blocks, args: tuple, kwargs: dict, checkpoint: bool = False, fus
 def _select(batch, idx: list[int], lengths: list[int]):
     """Rows ``idx`` of a right-padded batch, each keeping its first ``lengths[i]`` tokens (the rest
     become padding), cut to the longest of them."""
-    from .metrics import Batch
+    from ..metrics import Batch
 
     device = batch.input_ids.device
     rows = torch.tensor(idx, device=device)
