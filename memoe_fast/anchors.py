@@ -67,11 +67,54 @@ def _spans(doc):
 
 @dataclass
 class Anchors:
-    """Per-sequence anchors: ``vectors`` (S, D) fp32, ``scope`` (S,) bool (CPU), and the entity strings."""
+    """Per-sequence anchors: ``vectors`` (S, D) fp32, ``scope`` (S,) bool (CPU), the entity strings, and
+    ``scope_end``: for each in-scope sequence the character offset where its last in-scope entity
+    mention ends (-1 where unknown or out of scope), which decides where ``bypass_positions=
+    "after_subject"`` starts the bypass."""
 
     vectors: torch.Tensor
     scope: torch.Tensor
     entities: list[list[str]]
+    scope_end: list[int] | None = None
+    route: torch.Tensor | None = None  # (S,) int64: the expert that owns the matched subject, -1: the gate's choice
+
+
+_WORD = re.compile(r"\w+")
+
+
+class SubjectMatcher:
+    """Finds edited subjects in a text (case-insensitive, whole words, longest first).
+
+    One alternation over every subject costs (text length x subjects) per text, which at thousands of
+    edits dominates evaluation. Subjects are indexed by their first word instead: a text is matched
+    only against the subjects whose first word it contains (a small pattern, cached)."""
+
+    def __init__(self, subjects):
+        self._by_word: dict[str, list[str]] = {}
+        for s in subjects:
+            first = _WORD.search(s)
+            self._by_word.setdefault(first.group(0).lower() if first else "", []).append(s)
+        self._patterns: dict[tuple, re.Pattern] = {}
+
+    def _pattern(self, text: str) -> re.Pattern | None:
+        words = {w.lower() for w in _WORD.findall(text)} | {""}
+        cands = tuple(sorted({s for w in words for s in self._by_word.get(w, ())}, key=lambda s: (-len(s), s)))
+        if not cands:
+            return None
+        pat = self._patterns.get(cands)
+        if pat is None:
+            if len(self._patterns) > 4096:
+                self._patterns.clear()
+            pat = self._patterns[cands] = re.compile(
+                r"(?<!\w)(" + "|".join(re.escape(s) for s in cands) + r")(?!\w)", re.IGNORECASE)
+        return pat
+
+    def find(self, text: str) -> list[tuple[str, int, int]]:
+        pat = self._pattern(text)
+        return [] if pat is None else [(m.group(0), m.start(), m.end()) for m in pat.finditer(text)]
+
+    def search(self, text: str) -> bool:
+        return bool(self.find(text))
 
 
 class AnchorBank:
@@ -95,8 +138,9 @@ class AnchorBank:
         self._ner_cache: dict[str, tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]] = {}
         self._vec_cache: dict[str, torch.Tensor] = {}
         self.subjects: list[str] = []
-        self._subject_pattern: re.Pattern | None = None
+        self._subject_pattern: SubjectMatcher | None = None
         self._keys = torch.zeros(0, embedding.weight.shape[1])
+        self._owner = torch.zeros(0, dtype=torch.long)  # (K,) expert that owns each key, -1: none
 
     @property
     def nlp(self):
@@ -109,19 +153,25 @@ class AnchorBank:
         """(K, D) unit-norm vectors of the edited subjects."""
         return self._keys
 
-    def add_subjects(self, subjects) -> None:
-        """Remember edited subjects: they become scope keys and rule 1 of entity finding."""
-        new = [s.strip() for s in subjects if s and s.strip() and s.strip() not in self.subjects]
-        new = list(dict.fromkeys(new))
+    def add_subjects(self, subjects, owner: int = -1) -> None:
+        """Remember edited subjects: they become scope keys and rule 1 of entity finding. ``owner`` is
+        the expert their inputs are routed to (lifelong editing; -1: the gate decides); a subject edited
+        again moves to the newest owner."""
+        wanted = list(dict.fromkeys(s.strip() for s in subjects if s and s.strip()))
+        if owner >= 0 and wanted:
+            index = {s: i for i, s in enumerate(self.subjects)}
+            for s in wanted:
+                if s in index:
+                    self._owner[index[s]] = owner
+        known = set(self.subjects)
+        new = [s for s in wanted if s not in known]
         if not new:
             return
         self.subjects.extend(new)
         vecs = torch.stack([self.entity_vector(s) for s in new])
         self._keys = torch.cat([self._keys, torch.nn.functional.normalize(vecs, dim=-1)])
-        longest_first = sorted(self.subjects, key=len, reverse=True)
-        self._subject_pattern = re.compile(
-            r"(?<!\w)(" + "|".join(re.escape(s) for s in longest_first) + r")(?!\w)", re.IGNORECASE
-        )
+        self._owner = torch.cat([self._owner, torch.full((len(new),), owner, dtype=torch.long)])
+        self._subject_pattern = SubjectMatcher(self.subjects)
 
     def _spacy(self, text: str):
         hit = self._ner_cache.get(text)
@@ -132,7 +182,7 @@ class AnchorBank:
     def entity_spans(self, text: str, subject: str | None = None) -> list[tuple[str, int, int]]:
         """The anchor entities of ``text`` as ``(string, start_char, end_char)``, by the rules above."""
         if self._subject_pattern is not None:
-            found = [(m.group(0), m.start(), m.end()) for m in self._subject_pattern.finditer(text)]
+            found = self._subject_pattern.find(text)
             if found:
                 return found
         ents, chunks = self._spacy(text)
@@ -193,6 +243,8 @@ class AnchorBank:
         vectors = torch.zeros(len(texts), dim)
         scope = torch.zeros(len(texts), dtype=torch.bool)
         entities = []
+        scope_end = [-1] * len(texts)
+        route = torch.full((len(texts),), -1, dtype=torch.long)
         for i, (text, subject) in enumerate(zip(texts, subjects)):
             spans = self.entity_spans(text, subject)
             entities.append([s[0] for s in spans])
@@ -206,5 +258,27 @@ class AnchorBank:
             vectors[i] = pooled / pooled.pow(2).mean().sqrt().clamp_min(1e-6)
             if len(self._keys):
                 sim = torch.nn.functional.normalize(vecs, dim=-1) @ self._keys.t()
-                scope[i] = bool((sim >= self.scope_threshold).any())
-        return Anchors(vectors, scope, entities)
+                hit = (sim >= self.scope_threshold).any(dim=1)
+                scope[i] = bool(hit.any())
+                ends = [end for (_, start, end), h in zip(spans, hit.tolist()) if h and start >= 0]
+                scope_end[i] = max(ends) if ends else -1
+                if scope[i]:
+                    route[i] = self._owner[int(sim.max(dim=0).values.argmax())]
+        return Anchors(vectors, scope, entities, scope_end, route)
+
+
+def first_token_after(tokenizer, ids: list[int], char_end: int) -> int:
+    """Index of the first token of ``ids`` after character ``char_end`` of their decoded text
+    (``skip_special_tokens=True``, no clean-up): the first token past an entity mention. 0 when
+    ``char_end < 0`` (position unknown: every token counts), ``len(ids)`` when the text ends there."""
+    if char_end <= 0:
+        return 0
+    lo, hi = 0, len(ids)
+    while lo < hi:  # the shortest prefix whose text reaches char_end
+        mid = (lo + hi) // 2
+        text = tokenizer.decode(ids[:mid], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if len(text) >= char_end:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

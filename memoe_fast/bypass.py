@@ -71,6 +71,9 @@ def describe_host(mlp: nn.Module) -> dict:
     )
 
 
+ROUTE_BIAS = 1e4  # gate-logit bias of a forced expert (``route``); gate logits are O(1)
+
+
 class MEMoEBypass(nn.Module):
     """Wraps ``base_layer`` (the host MLP, kept untouched and frozen) with a trainable bypass MoE.
 
@@ -102,31 +105,11 @@ class MEMoEBypass(nn.Module):
         else:
             dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
         device = ref.device
-        E = config.num_experts
-        gen = torch.Generator().manual_seed(config.seed)
-
-        def stack(t: torch.Tensor) -> nn.Parameter:
-            return nn.Parameter(t.unsqueeze(0).repeat(E, *([1] * t.dim())).to(device=device, dtype=dtype).contiguous())
-
-        if config.expert_init == "copy_zero_down":
-            self.w1 = stack(w1)
-            self.w3 = stack(_float_weight(host["w3"])) if host["w3"] is not None else None
-        else:
-            bound = 1.0 / math.sqrt(hidden)
-            self.w1 = nn.Parameter((torch.rand(E, ffn, hidden, generator=gen) * 2 - 1).mul_(bound).to(device, dtype))
-            self.w3 = (nn.Parameter((torch.rand(E, ffn, hidden, generator=gen) * 2 - 1).mul_(bound).to(device, dtype))
-                       if host["w3"] is not None else None)
-        # Down-projections start at zero: the edited model equals the base model at initialisation.
-        self.w2 = nn.Parameter(torch.zeros(E, hidden, ffn, device=device, dtype=dtype))
-        b1 = _float_bias(host["w1"])
-        self.b1 = stack(b1) if b1 is not None and config.expert_init == "copy_zero_down" else (
-            nn.Parameter(torch.zeros(E, ffn, device=device, dtype=dtype)) if b1 is not None else None)
-        self.b2 = nn.Parameter(torch.zeros(E, hidden, device=device, dtype=dtype)) if _float_bias(host["w2"]) is not None else None
-        # Gate over concat(x, anchor). The token half starts at zero, so routing starts as a function of
-        # the anchor alone: inputs about one entity begin on one expert.
-        w_gate = torch.zeros(E, hidden + self.anchor_dim)
-        w_gate[:, hidden:] = torch.randn(E, self.anchor_dim, generator=gen) / math.sqrt(self.anchor_dim)
-        self.w_gate = nn.Parameter(w_gate.to(device=device, dtype=torch.float32))
+        self._host = host
+        self._expert_dtype, self._expert_device = dtype, device
+        fresh = self._fresh_experts(config.num_experts, torch.Generator().manual_seed(config.seed))
+        for name, t in fresh.items():
+            setattr(self, name, None if t is None else nn.Parameter(t))
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.enabled = True
@@ -134,17 +117,104 @@ class MEMoEBypass(nn.Module):
         self._anchor: torch.Tensor | None = None
         self._scope: torch.Tensor | None = None
         self._token_seq: torch.Tensor | None = None
+        self._token_mask: torch.Tensor | None = None
+        self._route: torch.Tensor | None = None
+        self.frozen_experts = 0  # experts [0, frozen_experts) get no gradient (lifelong editing)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_experts: torch.Tensor | None = None
 
+    def _fresh_experts(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor | None]:
+        """``n`` experts at initialisation and their gate rows, as plain tensors."""
+        host, config, hidden, ffn = self._host, self.config, self.hidden_size, self.ffn_size
+        dtype, device = self._expert_dtype, self._expert_device
+
+        def stack(t: torch.Tensor) -> torch.Tensor:
+            return t.unsqueeze(0).repeat(n, *([1] * t.dim())).to(device=device, dtype=dtype).contiguous()
+
+        def uniform(*shape) -> torch.Tensor:
+            return (torch.rand(*shape, generator=gen) * 2 - 1).mul_(1.0 / math.sqrt(hidden)).to(device, dtype)
+
+        out: dict[str, torch.Tensor | None] = {}
+        if config.expert_init == "copy_zero_down":
+            out["w1"] = stack(_float_weight(host["w1"]))
+            out["w3"] = stack(_float_weight(host["w3"])) if host["w3"] is not None else None
+        else:
+            out["w1"] = uniform(n, ffn, hidden)
+            out["w3"] = uniform(n, ffn, hidden) if host["w3"] is not None else None
+        # Down-projections start at zero: the edited model equals the base model at initialisation.
+        out["w2"] = torch.zeros(n, hidden, ffn, device=device, dtype=dtype)
+        b1 = _float_bias(host["w1"])
+        out["b1"] = (stack(b1) if config.expert_init == "copy_zero_down" else torch.zeros(n, ffn, device=device, dtype=dtype)) \
+            if b1 is not None else None
+        out["b2"] = torch.zeros(n, hidden, device=device, dtype=dtype) if _float_bias(host["w2"]) is not None else None
+        # Gate over concat(x, anchor). The token half starts at zero, so routing starts as a function of
+        # the anchor alone: inputs about one entity begin on one expert.
+        w_gate = torch.zeros(n, hidden + self.anchor_dim)
+        w_gate[:, hidden:] = torch.randn(n, self.anchor_dim, generator=gen) / math.sqrt(self.anchor_dim)
+        out["w_gate"] = w_gate.to(device=device, dtype=torch.float32)
+        return out
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def add_experts(self, n: int, freeze_existing: bool = True) -> range:
+        """Append ``n`` fresh experts (a copy of the host, zero down-projection: they add nothing until
+        trained) with a gate row each; with ``freeze_existing`` the experts already there get no gradient
+        from now on. Returns the new experts' indices. Lifelong editing gives each batch its own experts,
+        so that a later batch cannot overwrite what an earlier one relies on."""
+        if n < 1:
+            raise ValueError(f"add_experts needs n >= 1, got {n}")
+        start = self.num_experts
+        gen = torch.Generator().manual_seed(self.config.seed + start)
+        fresh = self._fresh_experts(n, gen)
+        with torch.no_grad():
+            for name, t in fresh.items():
+                old = getattr(self, name)
+                if old is not None:
+                    setattr(self, name, nn.Parameter(torch.cat([old.detach(), t.to(old.dtype)])))
+        if freeze_existing:
+            self.frozen_experts = start
+        self._install_freeze_hooks()
+        return range(start, start + n)
+
+    def freeze_experts(self, n: int) -> None:
+        """Experts ``[0, n)`` get no gradient from now on (0: every expert trains)."""
+        if not 0 <= n <= self.num_experts:
+            raise ValueError(f"freeze_experts: n must be in [0, {self.num_experts}], got {n}")
+        self.frozen_experts = n
+        if n:
+            self._install_freeze_hooks()
+
+    def _install_freeze_hooks(self) -> None:
+        for p in self.bypass_parameters().values():
+            if not getattr(p, "_memoe_freeze_hook", False):
+                p.register_hook(self._mask_frozen)
+                p._memoe_freeze_hook = True
+
+    def _mask_frozen(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.frozen_experts <= 0:
+            return grad
+        grad = grad.clone()
+        grad[: self.frozen_experts] = 0
+        return grad
+
     def set_anchors(self, anchors: torch.Tensor | None, scope: torch.Tensor | None = None,
-                    token_seq: torch.Tensor | None = None) -> None:
+                    token_seq: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+                    route: torch.Tensor | None = None) -> None:
         """Anchors ``(S, A)`` for the next forwards, an optional bool scope ``(S,)``, and for packed inputs
         (several sequences in one row, no padding) the sequence of every token ``(N,)`` (CPU int64).
-        Without ``token_seq`` the input is ``(S, L, D)``: sequence ``s`` is row ``s``."""
+        Without ``token_seq`` the input is ``(S, L, D)``: sequence ``s`` is row ``s``.
+
+        ``token_mask`` ``(N,)`` bool (one entry per token of the input, flattened) limits the bypass to
+        the marked tokens (``bypass_positions="after_subject"``); ``route`` ``(S,)`` int64 sends every
+        token of sequence ``s`` to expert ``route[s]`` (weight 1) instead of the gate's choice, -1 keeps
+        the gate's (lifelong editing routes each batch's subjects to that batch's expert)."""
         self._anchor = anchors
         self._scope = None if scope is None else scope.to("cpu", torch.bool)
         self._token_seq = None if token_seq is None else token_seq.to("cpu", torch.long)
+        self._token_mask = None if token_mask is None else token_mask.to("cpu", torch.bool).reshape(-1)
+        self._route = None if route is None else route.to("cpu", torch.long)
 
     @property
     def gate_learns(self) -> bool:
@@ -188,8 +258,14 @@ class MEMoEBypass(nn.Module):
         elif token_seq.numel() != n_tok:
             raise RuntimeError(f"token_seq has {token_seq.numel()} entries but the input has {n_tok} tokens")
         sel = None
+        tok_scope = None
         if self.config.anchor_scope and self._scope is not None:
             tok_scope = self._scope[token_seq]
+        if self._token_mask is not None:
+            if self._token_mask.numel() != n_tok:
+                raise RuntimeError(f"token_mask has {self._token_mask.numel()} entries but the input has {n_tok} tokens")
+            tok_scope = self._token_mask if tok_scope is None else tok_scope & self._token_mask
+        if tok_scope is not None:
             if not bool(tok_scope.any()):
                 return out  # no sequence is about an edited entity: the experts have nothing to add
             if not bool(tok_scope.all()):
@@ -202,8 +278,18 @@ class MEMoEBypass(nn.Module):
         anchor = self._anchor.to(device=x.device, dtype=self.w1.dtype)
         tokens = flat_x.to(self.w1.dtype)
         noise = None
+        n_exp = self.w1.shape[0]
         if self.training and self.config.gate_noise > 0:
-            noise = torch.randn(tokens.shape[0], self.config.num_experts, device=x.device) * self.config.gate_noise
+            noise = torch.randn(tokens.shape[0], n_exp, device=x.device) * self.config.gate_noise
+        if self._route is not None:
+            # A forced expert is a logit bias far above any gate logit: top-1 picks it with weight 1, and
+            # every implementation (reference, torch, Triton) routes it without a change of its own.
+            seq_route = self._route.to(x.device)[seq_idx]
+            forced = seq_route >= 0
+            if bool(forced.any()):
+                bias = torch.zeros(tokens.shape[0], n_exp, device=x.device)
+                bias[forced.nonzero().squeeze(1), seq_route[forced]] = ROUTE_BIAS
+                noise = bias if noise is None else noise + bias
         # The kernels add the bypass into the host output in their epilogue when both share a dtype.
         fuse_host = out.dtype == self.w1.dtype
         y, probs, experts = moe_bypass(
@@ -214,7 +300,7 @@ class MEMoEBypass(nn.Module):
         )
         self.last_experts = experts.detach()
         if self.training:
-            self.last_aux_loss = load_balance_loss(probs, experts, self.config.num_experts)
+            self.last_aux_loss = load_balance_loss(probs, experts, n_exp)
         if not fuse_host:
             # The host output stays in its own dtype: lower-precision experts must not round it.
             y = host_rows + y.to(out.dtype)

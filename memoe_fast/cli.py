@@ -44,10 +44,18 @@ def _fmt(v) -> str:
     return "  n/a" if v is None else f"{v:5.3f}"
 
 
+USER_METRICS = ("greedy_reliability", "greedy_generality", "same_subject_locality", "same_subject_greedy",
+                "chat_reliability", "portability")
+
+
 def format_table(result: dict) -> str:
-    rows = ["| metric      | before | after |", "|-------------|--------|-------|"]
-    for k in ("reliability", "generality", "locality"):
-        rows.append(f"| {k:<11} | {_fmt(result['pre'][k])}  | {_fmt(result['post'][k])} |")
+    rows = ["| metric                | before | after |", "|-----------------------|--------|-------|"]
+    for k in ("reliability", "generality", "locality") + USER_METRICS:
+        if k in result["post"]:
+            rows.append(f"| {k:<21} | {_fmt(result['pre'].get(k))}  | {_fmt(result['post'][k])} |")
+    if "first_batch_final" in result:
+        f = result["first_batch_final"]
+        rows.append(f"first batch after the last: reliability {_fmt(f['reliability'])}, generality {_fmt(f['generality'])}")
     t = result["timings"]
     mem = result["memory"]
     rows.append("")
@@ -81,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None, help=f"training steps (default {d.steps})")
     e.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr})")
     e.add_argument("--no-scope", action="store_true", help="route every input through the experts (no anchor scope)")
+    e.add_argument("--positions", choices=("all", "after_subject"), default=None,
+                   help=f"tokens the experts act on in an in-scope input (default {d.bypass_positions})")
+    e.add_argument("--negatives", type=int, default=None,
+                   help=f"same-subject negative prompts per edit, trained to keep the unedited outputs (default {d.negatives})")
+    e.add_argument("--update-batch", type=int, default=None,
+                   help=f"edits per optimiser update, 0: all at once (default {d.update_batch})")
+    e.add_argument("--sequential-experts", choices=("shared", "per_batch"), default=None,
+                   help=f"sequential mode: shared experts, or one expert per batch with the earlier ones frozen (default {d.sequential_experts})")
+    e.add_argument("--no-user-metrics", action="store_true",
+                   help="skip the metrics as users meet the model (greedy, same-subject, chat, portability)")
+    e.add_argument("--resume", action="store_true",
+                   help="sequential mode: continue from the last batch saved in OUT/checkpoint")
     e.add_argument("--replay", action="store_true",
                    help="sequential mode: train each batch together with the earlier edits (no forgetting)")
     e.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto", help="bypass implementation")
@@ -110,7 +130,9 @@ def _config_from_args(args):
 
     over = {"seed": args.seed, "impl": args.impl}
     for key, val in (("layer", args.layer), ("num_experts", args.experts), ("top_k", args.top_k),
-                     ("steps", args.steps), ("lr", args.lr)):
+                     ("steps", args.steps), ("lr", args.lr), ("bypass_positions", args.positions),
+                     ("negatives", args.negatives), ("update_batch", args.update_batch),
+                     ("sequential_experts", args.sequential_experts)):
         if val is not None:
             over[key] = val
     if args.no_scope:
@@ -150,17 +172,22 @@ def cmd_edit(args) -> int:
     extra = ({"micro_batch": args.micro_batch, "checkpoint": args.checkpoint, "prepack": not args.no_prepack}
              if args.editor == "fast" else {})
     editor = Editor(model, tokenizer, config, progress=progress, **extra)
-    result = editor.edit(requests, mode=args.mode, batch_size=args.batch_size)
+    out = os.path.abspath(args.out)
+    checkpoint = os.path.join(out, "checkpoint") if args.mode == "sequential" else None
+    if args.resume and not (checkpoint and os.path.exists(os.path.join(checkpoint, "memoe.json"))):
+        raise ValueError(f"--resume: no sequential checkpoint in {os.path.join(out, 'checkpoint')}")
+    result = editor.edit(requests, mode=args.mode, batch_size=args.batch_size, user_metrics=not args.no_user_metrics,
+                         checkpoint_dir=checkpoint, resume=args.resume)
     result["timings"]["load_s"] = load_s
     result["timings"]["total_s"] = time.perf_counter() - t0
     result["timings"]["per_edit_s"] = result["timings"]["edit_s"] / len(requests)
     result.update({
         "model": args.model, "data": args.data, "editor": args.editor, "editor_options": extra,
         "prepacked": bool(getattr(editor, "prepacked_last", False)), "load_in_8bit": args.load_in_8bit,
+        "plan": editor.plan.to_dict() if hasattr(editor, "plan") else None,
         "impl": resolve_impl(editor.handle.bypass.impl, editor.device), "config": config.to_dict(), "layer": editor.handle.layer,
         "memory": peak_memory_mib(), "versions": _versions(), "device": str(editor.device),
     })
-    out = os.path.abspath(args.out)
     editor.handle.save(os.path.join(out, "edits"), extra={"model": args.model, "load_in_8bit": args.load_in_8bit})
     atomic_write_json(os.path.join(out, "results.json"), result)
     print(format_table(result))
@@ -204,7 +231,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return cmd_edit(args) if args.command == "edit" else cmd_generate(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError, FloatingPointError) as exc:
         print(f"memoe-fast: error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 EXPERT_INITS = ("copy_zero_down", "random_zero_down")
 ANCHOR_POOLINGS = ("canonical", "positions")
 LR_SCHEDULES = ("cosine", "constant")
+BYPASS_POSITIONS = ("all", "after_subject")
+SEQUENTIAL_EXPERTS = ("shared", "per_batch")
 
 
 @dataclass
@@ -40,6 +42,22 @@ class MEMoEConfig:
     anchor_pooling: str = "canonical"  # how an entity becomes a vector (see memoe_fast/anchors.py)
     anchor_scope: bool = True  # apply the bypass only to inputs whose anchor matches an edited subject
     scope_threshold: float = 0.95  # cosine similarity an input's entity needs to an edited subject's
+    # Where the experts act inside an in-scope sequence: every token ("all", the paper), or only the
+    # tokens after the edited subject's mention ("after_subject"): the subject's own representation,
+    # which every other question about it reads, stays the unedited one.
+    bypass_positions: str = "all"
+    # Same-subject negatives: per edit, this many prompts about the edited subject's *other* relations
+    # (memoe_fast.specificity templates), trained to keep the unedited model's next-token distribution
+    # over its own greedy continuation of `negative_tokens` tokens (KL over its top tokens).
+    negatives: int = 0
+    negative_tokens: int = 4
+    negative_weight: float = 1.0
+    # Edits per optimiser update: 0 trains all edits of a batch in one accumulated update per step; N > 0
+    # splits them into groups of N, one update each, and a step is then one pass over the groups.
+    update_batch: int = 0
+    # Sequential editing: "shared" experts for every batch (the paper), or "per_batch": each batch gets an
+    # expert of its own, routed by its subjects' anchor keys, with every earlier expert frozen.
+    sequential_experts: str = "shared"
     impl: str = "auto"  # "auto" | "reference" | "torch" | "triton"
     expert_dtype: str | None = None  # None: the host MLP's float dtype (float32 for an 8-bit host on CPU)
     seed: int = 0
@@ -57,6 +75,13 @@ class MEMoEConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.steps < 0 or self.lr <= 0:
             raise ValueError(f"steps must be >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
+        if self.bypass_positions not in BYPASS_POSITIONS:
+            raise ValueError(f"bypass_positions must be one of {BYPASS_POSITIONS}, got {self.bypass_positions!r}")
+        if self.sequential_experts not in SEQUENTIAL_EXPERTS:
+            raise ValueError(f"sequential_experts must be one of {SEQUENTIAL_EXPERTS}, got {self.sequential_experts!r}")
+        if self.negatives < 0 or self.negative_tokens < 1 or self.negative_weight < 0 or self.update_batch < 0:
+            raise ValueError("negatives, update_batch and negative_weight must be >= 0 and negative_tokens >= 1, got "
+                             f"{self.negatives}, {self.update_batch}, {self.negative_weight}, {self.negative_tokens}")
         if not -1.0 <= self.scope_threshold <= 1.0:
             raise ValueError(f"scope_threshold is a cosine similarity in [-1, 1], got {self.scope_threshold}")
 

@@ -41,6 +41,8 @@ class EditRequest:
     locality_answer: str | None = None
     ground_truth: str | None = None
     case_id: str | None = None
+    # (question, answer) pairs about facts the edit should carry over to (ZsRE's portability).
+    portability: list[tuple[str, str]] = field(default_factory=list)
 
 
 class DataFormatError(ValueError):
@@ -200,12 +202,18 @@ def _zsre_record(rec: _Record, index: int) -> EditRequest | None:
     rec.text("pred", required=False)
     rec.text("cond", required=False)
     rec.optional_object("portability")
+    portability = []
+    if rec.obj.get("portability") is not None:
+        port = rec.nested("portability")
+        question, answer = port.text("New Question", required=False), port.text("New Answer", required=False)
+        if question and answer:
+            portability.append((question, answer))
     if target is None:
         return None
     return EditRequest(
         prompt=prompt, target=target, subject=subject, rephrase=[rephrase],
         locality_prompt=loc, locality_answer=loc_ans,
-        ground_truth=answers[0] if answers else None, case_id=str(index),
+        ground_truth=answers[0] if answers else None, case_id=str(index), portability=portability,
     )
 
 

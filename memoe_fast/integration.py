@@ -8,7 +8,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .anchors import Anchors, AnchorBank
+from .anchors import Anchors, AnchorBank, first_token_after
 from .bypass import MEMoEBypass
 from .config import MEMoEConfig
 from .io import atomic_dir
@@ -66,18 +66,49 @@ class MEMoEHandle:
                                "pass tokenizer= to apply_memoe or call bypass.set_anchors(tensor)")
         return self.bank(texts, subjects)
 
-    def set_anchors(self, texts: list[str], subjects: list[str | None] | None = None) -> Anchors:
+    def set_anchors(self, texts: list[str], subjects: list[str | None] | None = None, input_ids=None,
+                    attention_mask=None) -> Anchors:
         anchors = self.compute_anchors(texts, subjects)
-        self.bypass.set_anchors(anchors.vectors, anchors.scope)
+        mask = None if input_ids is None else self.token_mask(anchors, input_ids, attention_mask)
+        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_mask=mask, route=self._route(anchors))
         return anchors
+
+    def _route(self, anchors: Anchors):
+        route = anchors.route
+        return route if route is not None and bool((route >= 0).any()) else None
+
+    def active_starts(self, anchors: Anchors, rows: list[list[int]]) -> list[int]:
+        """For each sequence (its real token ids, no padding), the first position the bypass acts on:
+        0 with ``bypass_positions="all"``, else the first token after its edited-subject mention."""
+        if self.config.bypass_positions == "all" or anchors.scope_end is None:
+            return [0] * len(rows)
+        tok = self.bank.tokenizer
+        return [first_token_after(tok, ids, end) if in_scope else 0
+                for ids, end, in_scope in zip(rows, anchors.scope_end, anchors.scope.tolist())]
+
+    def token_mask(self, anchors: Anchors, input_ids: torch.Tensor, attention_mask=None):
+        """``(B*L,)`` bool: the tokens of a padded ``(B, L)`` input the bypass acts on (None: all)."""
+        if self.config.bypass_positions == "all":
+            return None
+        ids = input_ids.detach().cpu()
+        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+        rows = [ids[i][real[i]].tolist() for i in range(ids.shape[0])]
+        starts = self.active_starts(anchors, rows)
+        rank = real.long().cumsum(1) - 1  # each real token's index among its row's real tokens
+        return (real & (rank >= torch.tensor(starts).unsqueeze(1))).reshape(-1)
 
     @contextlib.contextmanager
     def anchored(self, texts: list[str] | None = None, subjects=None, anchors: Anchors | None = None,
-                 token_seq=None):
+                 token_seq=None, input_ids=None, attention_mask=None, token_mask=None):
         """Fix the anchors for the forwards inside the block (from texts, or precomputed ``anchors``);
-        ``token_seq`` for packed inputs (see :meth:`MEMoEBypass.set_anchors`)."""
+        ``token_seq`` for packed inputs (see :meth:`MEMoEBypass.set_anchors`). With
+        ``bypass_positions="after_subject"`` give the padded ``input_ids`` (and ``attention_mask``) the
+        forwards will see, or a ready ``token_mask``, so the bypass acts after the subject only."""
         anchors = anchors if anchors is not None else self.compute_anchors(texts, subjects)
-        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq)
+        if token_mask is None and input_ids is not None:
+            token_mask = self.token_mask(anchors, input_ids, attention_mask)
+        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq, token_mask=token_mask,
+                                route=self._route(anchors))
         self._pinned += 1
         try:
             yield anchors
@@ -99,6 +130,7 @@ class MEMoEHandle:
             anchor = self.bypass._anchor
             if anchor is None or input_ids is None or anchor.shape[0] != input_ids.shape[0]:
                 raise RuntimeError("decode step without the anchors of its prompt: start generation from the prompt")
+            self.bypass._token_mask = None  # every generated token comes after its prompt's subject
             return None
         if input_ids is None:
             raise RuntimeError("MEMoE needs the input text for its anchors: call the model with input_ids, "
@@ -106,8 +138,9 @@ class MEMoEHandle:
         texts = []
         for i in range(input_ids.shape[0]):
             ids = input_ids[i] if mask is None else input_ids[i][mask[i].bool()]
-            texts.append(self.bank.tokenizer.decode(ids.tolist(), skip_special_tokens=True) if self.bank else "")
-        self.set_anchors(texts)
+            texts.append(self.bank.tokenizer.decode(ids.tolist(), skip_special_tokens=True,
+                                                    clean_up_tokenization_spaces=False) if self.bank else "")
+        self.set_anchors(texts, input_ids=input_ids, attention_mask=mask)
         return None
 
     # Switching.
@@ -130,9 +163,9 @@ class MEMoEHandle:
     def set_impl(self, impl: str) -> None:
         self.bypass.impl = impl
 
-    def add_subjects(self, subjects) -> None:
+    def add_subjects(self, subjects, owner: int = -1) -> None:
         if self.bank is not None:
-            self.bank.add_subjects(subjects)
+            self.bank.add_subjects(subjects, owner)
 
     def parameters(self):
         """The parameters an optimiser should train (the gate only when it gets a real gradient)."""
@@ -157,6 +190,8 @@ class MEMoEHandle:
             "config": self.config.to_dict(),
             "layer": self.layer,
             "subjects": list(self.bank.subjects) if self.bank else [],
+            "subject_owners": self.bank._owner.tolist() if self.bank else [],
+            "num_experts": self.bypass.num_experts,
             **(extra or {}),
         }
         with atomic_dir(path) as tmp:
@@ -170,6 +205,9 @@ class MEMoEHandle:
 
         meta = read_edit_meta(path)
         tensors = load_file(os.path.join(path, "bypass.safetensors"))
+        extra = int(meta.get("num_experts", self.bypass.num_experts)) - self.bypass.num_experts
+        if extra > 0:  # lifelong editing grew the expert set
+            self.bypass.add_experts(extra, freeze_existing=False)
         params = self.bypass.bypass_parameters()
         if set(tensors) != set(params):
             raise ValueError(f"{path}: bypass tensors {sorted(tensors)} do not match this model's {sorted(params)}")
@@ -178,7 +216,9 @@ class MEMoEHandle:
                 if tensors[name].shape != p.shape:
                     raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
                 p.copy_(tensors[name])
-        self.add_subjects(meta.get("subjects", []))
+        owners = meta.get("subject_owners") or [-1] * len(meta.get("subjects", []))
+        for owner in dict.fromkeys(owners):  # one call per owner: the subject pattern is rebuilt per call
+            self.add_subjects([s for s, o in zip(meta.get("subjects", []), owners) if o == owner], int(owner))
         return meta
 
 

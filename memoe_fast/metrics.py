@@ -38,6 +38,22 @@ class Batch:
     pred_pos: torch.Tensor  # (B, Tt) logit positions that predict the target tokens (0 where padded)
     target_ids: torch.Tensor  # (B, Tt)
     target_mask: torch.Tensor  # (B, Tt) bool
+    # Same-subject negatives (MEMoEConfig.negatives): which rows are negatives, and for their target
+    # slots the unedited model's top tokens and log-probabilities, which training keeps (KL).
+    negative: torch.Tensor | None = None  # (B,) bool
+    ref_ids: torch.Tensor | None = None  # (B, Tt, K)
+    ref_logp: torch.Tensor | None = None  # (B, Tt, K)
+
+    def to(self, device) -> "Batch":
+        return Batch(*(None if x is None else x.to(device) for x in (
+            self.input_ids, self.attention_mask, self.pred_pos, self.target_ids, self.target_mask,
+            self.negative, self.ref_ids, self.ref_logp)))
+
+    def rows(self, idx) -> "Batch":
+        """Rows ``idx`` (a list or tensor of indices) of the batch."""
+        return Batch(*(None if x is None else x[idx] for x in (
+            self.input_ids, self.attention_mask, self.pred_pos, self.target_ids, self.target_mask,
+            self.negative, self.ref_ids, self.ref_logp)))
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device=None) -> Batch:
@@ -90,7 +106,8 @@ def predict_targets(model, tokenizer, prompts: list[str], targets: list[str], ha
         pairs = [all_pairs[i] for i in idx]
         batch = collate(pairs, tokenizer.pad_token_id, device)
         if handle is not None and handle.bypass.enabled:
-            with handle.anchored([prompts[i] for i in idx], [subjects[i] for i in idx]):
+            with handle.anchored([prompts[i] for i in idx], [subjects[i] for i in idx],
+                                 input_ids=batch.input_ids, attention_mask=batch.attention_mask):
                 logits = logits_fn(batch)
         else:
             logits = logits_fn(batch)
@@ -159,3 +176,172 @@ def locality_tokens(model, tokenizer, requests, handle=None, batch_size: int = 3
     for i, (p, _) in zip(idx, preds):
         out[i] = p
     return out
+
+
+# Metrics as users meet the edited model: greedy generation, the edited subject's other facts, the chat
+# template, portability. The model is called as a user calls it (anchors computed from the input text by
+# the handle's hook), never with the edit request's fields.
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32,
+                         chat: bool = False) -> list[list[int]]:
+    """Greedy continuation ids of each prompt (``model.generate``, left-padded batches of similar
+    length). With ``chat`` each prompt is a user turn in the tokenizer's chat template."""
+    device = next(model.parameters()).device
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    else:
+        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list = [None] * len(encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        length = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), length), pad, dtype=torch.long)
+        mask = torch.zeros(len(idx), length, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, length - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, length - len(encoded[i]):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, min_new_tokens=max_new_tokens)
+        for row, i in enumerate(idx):
+            out[i] = gen[row, length:].tolist()
+    return out
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def starts_with_target(tokenizer, continuation: list[int], target: str) -> bool:
+    """Whether a greedy continuation starts with the target (case and spacing ignored)."""
+    text = tokenizer.decode(continuation, skip_special_tokens=True)
+    return _norm(text).startswith(_norm(target))
+
+
+def contains_target(tokenizer, continuation: list[int], target: str) -> bool:
+    return _norm(target) in _norm(tokenizer.decode(continuation, skip_special_tokens=True))
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def same_subject_cases(model, tokenizer, requests, handle=None, per_edit: int = 4, tokens: int = 5,
+                       batch_size: int = 32) -> list[dict]:
+    """Held-out prompts about each edited subject's other facts, with the unedited model's greedy
+    continuation as the expected answer (``EVAL_TEMPLATES``; never trained on). Run on the unedited
+    model (the handle's bypass off). Prompts whose unedited answer mentions the edit's old or new
+    answer ask the edited relation itself and are dropped."""
+    from .specificity import EVAL_TEMPLATES, drop_same_relation, subject_prompts
+
+    prompts, owner = [], []
+    for i, r in enumerate(requests):
+        for p in subject_prompts(r.subject, EVAL_TEMPLATES, per_edit, offset=i):
+            prompts.append(p), owner.append(i)
+    ctx = handle.disabled() if handle is not None else _nullcontext()
+    with ctx:
+        conts = greedy_continuations(model, tokenizer, prompts, tokens, batch_size)
+    cases = []
+    for p, i, c in zip(prompts, owner, conts):
+        r = requests[i]
+        text = tokenizer.decode(c, skip_special_tokens=True)
+        if not c or drop_same_relation(text, [r.target, r.ground_truth]):
+            continue
+        cases.append({"owner": i, "prompt": p, "subject": r.subject, "expected": c, "text": text})
+    return cases
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def evaluate_user(model, tokenizer, requests, handle=None, same_subject: list[dict] | None = None,
+                  pre_portability: list | None = None, batch_size: int = 32, logits_fn=None,
+                  chat: bool = True) -> dict:
+    """Metrics as a user meets the edited model (the model as it is now, anchors from the input text):
+
+    * ``greedy_reliability`` / ``greedy_generality``: the greedy continuation of the edit prompt / its
+      paraphrases starts with the target;
+    * ``same_subject_locality``: teacher-forced argmax agreement with the unedited model on held-out
+      prompts about the edited subject's other facts (``same_subject`` from :func:`same_subject_cases`),
+      and ``same_subject_greedy``: the fraction of those whose greedy continuation is unchanged;
+    * ``chat_reliability``: the edit prompt, when it is a question, asked as a user turn in the chat
+      template: the reply contains the target (None without a chat template or questions);
+    * ``portability``: teacher-forced token accuracy on the data's portability questions.
+    """
+    out: dict = {}
+    n = len(requests)
+    tlen = [len(encode_pair(tokenizer, r.prompt, r.target)[1]) for r in requests]
+    conts = greedy_continuations(model, tokenizer, [r.prompt for r in requests], max(tlen) + 1, batch_size)
+    rel = [starts_with_target(tokenizer, c, r.target) for c, r in zip(conts, requests)]
+    out["greedy_reliability"] = mean([float(v) for v in rel])
+    para, owner = [], []
+    for i, r in enumerate(requests):
+        for q in r.rephrase:
+            para.append(q), owner.append(i)
+    gen_scores: list[list[float]] = [[] for _ in requests]
+    if para:
+        conts = greedy_continuations(model, tokenizer, para, max(tlen) + 1, batch_size)
+        for c, i in zip(conts, owner):
+            gen_scores[i].append(float(starts_with_target(tokenizer, c, requests[i].target)))
+    out["greedy_generality"] = mean([mean(s) for s in gen_scores])
+    per_same: list[list[float]] = [[] for _ in requests]
+    per_same_greedy: list[list[float]] = [[] for _ in requests]
+    if same_subject:
+        # No handle and the full model call: the anchors come from the input text, as for a user.
+        preds = predict_targets(model, tokenizer, [c["prompt"] for c in same_subject],
+                                [c["text"] for c in same_subject], None, None, batch_size, None)
+        tokens = max(len(c["expected"]) for c in same_subject)
+        conts = greedy_continuations(model, tokenizer, [c["prompt"] for c in same_subject], tokens, batch_size)
+        for case, (pred, _), cont in zip(same_subject, preds, conts):
+            # The expected continuation re-tokenised after a space may differ from the generated ids;
+            # agreement is measured against the unedited model's argmax on the same input.
+            want = case.get("expected_argmax")
+            agree = locality_agreement(pred, want) if want is not None else float("nan")
+            per_same[case["owner"]].append(agree)
+            per_same_greedy[case["owner"]].append(float(cont[: len(case["expected"])] == case["expected"]))
+    out["same_subject_locality"] = mean([mean(s) for s in per_same]) if same_subject else None
+    out["same_subject_greedy"] = mean([mean(s) for s in per_same_greedy]) if same_subject else None
+    out["chat_reliability"] = None
+    questions = [i for i, r in enumerate(requests) if r.prompt.rstrip().endswith("?")]
+    if chat and questions and has_chat_template(tokenizer):
+        conts = greedy_continuations(model, tokenizer, [requests[i].prompt for i in questions],
+                                     max(tlen[i] for i in questions) + 16, batch_size, chat=True)
+        out["chat_reliability"] = mean([float(contains_target(tokenizer, c, requests[i].target))
+                                        for c, i in zip(conts, questions)])
+    port = [(i, q, a) for i, r in enumerate(requests) for q, a in r.portability]
+    out["portability"] = None
+    if port:
+        preds = predict_targets(model, tokenizer, [q for _, q, _ in port], [a for _, _, a in port], handle,
+                                None, batch_size, logits_fn)
+        out["portability"] = mean([token_accuracy(p, t) for p, t in preds])
+    out["per_example"] = [
+        {"greedy_reliability": float(rel[i]), "greedy_generality": mean(gen_scores[i]),
+         "same_subject_locality": mean(per_same[i]), "same_subject_greedy": mean(per_same_greedy[i])}
+        for i in range(n)
+    ]
+    return out
+
+
+@torch.no_grad()
+def attach_expected_argmax(model, tokenizer, cases: list[dict], handle=None, batch_size: int = 32,
+                           logits_fn=None) -> None:
+    """The unedited model's teacher-forced argmax on each same-subject case (``expected_argmax``), the
+    reference of ``same_subject_locality``."""
+    if not cases:
+        return
+    ctx = handle.disabled() if handle is not None else _nullcontext()
+    with ctx:
+        preds = predict_targets(model, tokenizer, [c["prompt"] for c in cases], [c["text"] for c in cases],
+                                None, None, batch_size, None)
+    for case, (pred, _) in zip(cases, preds):
+        case["expected_argmax"] = pred

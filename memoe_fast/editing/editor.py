@@ -5,13 +5,18 @@ full-vocabulary head. It is kept as the yardstick for the fast editor.
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 
 import torch
 
 from ..config import MEMoEConfig
 from ..integration import MEMoEHandle, apply_memoe
-from ..metrics import collate, encode_pair, evaluate, locality_tokens, target_logits
+from ..metrics import (Batch, attach_expected_argmax, collate, encode_pair, evaluate, evaluate_user,
+                       greedy_continuations, locality_tokens, same_subject_cases, target_logits)
+
+REF_TOPK = 32  # unedited tokens per negative position that the KL keeps
 
 MODES = ("batch", "sequential")
 
@@ -24,11 +29,38 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
-def nll_loss(logits: torch.Tensor, batch) -> torch.Tensor:
-    """Negative log-likelihood of the target tokens, averaged over all target tokens of the batch."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    tok = logp.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
-    return -(tok * batch.target_mask).sum() / batch.target_mask.sum().clamp_min(1)
+def nll_loss(logits: torch.Tensor, batch, negative_weight: float = 1.0) -> torch.Tensor:
+    """The training loss of a padded batch from its target-slot logits ``(B, Tt, V)`` (see :func:`row_loss`)."""
+    rows = batch.target_mask
+    neg = None if batch.negative is None else batch.negative.unsqueeze(1).expand_as(rows)[rows]
+    return row_loss(torch.log_softmax(logits[rows].float(), dim=-1), batch.target_ids[rows], *loss_totals(batch),
+                    neg, None if batch.ref_ids is None else batch.ref_ids[rows],
+                    None if batch.ref_logp is None else batch.ref_logp[rows], negative_weight)
+
+
+def loss_totals(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edit target tokens, negative target tokens) of a whole batch: the loss's normalisers."""
+    mask = batch.target_mask
+    if batch.negative is None:
+        return mask.sum().clamp_min(1), mask.new_zeros(()).sum()
+    neg = mask & batch.negative.unsqueeze(1)
+    return (mask & ~neg).sum().clamp_min(1), neg.sum().clamp_min(1)
+
+
+def row_loss(logp: torch.Tensor, targets: torch.Tensor, n_edit, n_neg, negative=None, ref_ids=None,
+             ref_logp=None, negative_weight: float = 1.0) -> torch.Tensor:
+    """Loss over target rows ``logp`` ``(N, V)`` (fp32 log-probabilities): the mean NLL of the edit
+    targets over the batch's ``n_edit`` edit tokens, plus ``negative_weight`` times the mean KL, over
+    its ``n_neg`` negative tokens, from the unedited model's top tokens (``ref_ids``/``ref_logp``,
+    ``(N, K)``) to the edited model's distribution. Sums over a chunk's rows divided by the whole batch's
+    counts, so that chunks accumulate to the batch's loss."""
+    if negative is None or not bool(negative.any()):
+        return -logp.gather(-1, targets.unsqueeze(-1)).sum() / n_edit
+    edit = ~negative
+    loss = -logp[edit].gather(-1, targets[edit].unsqueeze(-1)).sum() / n_edit
+    ref = ref_logp[negative]
+    q = logp[negative].gather(-1, ref_ids[negative])
+    return loss + negative_weight * (ref.exp() * (ref - q)).sum() / n_neg
 
 
 def _fused_adam_ok(params) -> bool:
@@ -66,9 +98,9 @@ class MEMoEEditor:
     # Hooks the fast editor overrides: backward_step, prepare, finish, eval_logits_fn.
     def backward_step(self, batch, prompts, subjects) -> float:
         """Loss of one training step, with its gradients put into the bypass parameters."""
-        with self.handle.anchored(prompts, subjects):
+        with self.handle.anchored(prompts, subjects, input_ids=batch.input_ids, attention_mask=batch.attention_mask):
             logits = target_logits(self.model, batch)
-            loss = nll_loss(logits, batch)
+            loss = nll_loss(logits, batch, self.config.negative_weight)
             aux = self.handle.bypass.last_aux_loss
         if aux is not None and self.config.aux_loss_weight > 0:
             loss = loss + self.config.aux_loss_weight * aux
@@ -92,30 +124,110 @@ class MEMoEEditor:
         with self.handle.disabled():
             return locality_tokens(self.model, self.tokenizer, requests, None, self.eval_batch_size, self.eval_logits_fn())
 
-    def train(self, requests, desc: str = "editing") -> list[float]:
-        """Train the bypass on ``requests`` for ``config.steps`` steps; returns the loss of each step."""
-        self.handle.add_subjects([r.subject for r in requests])
+    @torch.no_grad()
+    def negatives(self, requests) -> list[dict]:
+        """Same-subject negatives of ``requests`` (``config.negatives`` each): prompts about the edited
+        subject's other relations (:data:`~memoe_fast.specificity.TRAIN_TEMPLATES`), the unedited model's
+        greedy continuation as the target slots, and its top tokens and log-probabilities there."""
+        from ..specificity import TRAIN_TEMPLATES, drop_same_relation, subject_prompts
+
+        k = self.config.negatives
+        if k <= 0:
+            return []
+        prompts, owner = [], []
+        for i, r in enumerate(requests):
+            for p in subject_prompts(r.subject, TRAIN_TEMPLATES, k, offset=i * k):
+                prompts.append(p), owner.append(i)
+        if not prompts:
+            return []
+        with self.handle.disabled():
+            conts = greedy_continuations(self.model, self.tokenizer, prompts, self.config.negative_tokens,
+                                         self.eval_batch_size)
+        out = []
+        for p, i, c in zip(prompts, owner, conts):
+            r = requests[i]
+            if c and not drop_same_relation(self.tokenizer.decode(c, skip_special_tokens=True), [r.target, r.ground_truth]):
+                out.append({"prompt": p, "subject": r.subject, "owner": i,
+                            "pair": (self.tokenizer(p, add_special_tokens=True)["input_ids"], c)})
+        logits_fn = self.eval_logits_fn() or (lambda b: target_logits(self.model, b))
+        for start in range(0, len(out), self.eval_batch_size):
+            part = out[start:start + self.eval_batch_size]
+            batch = collate([n["pair"] for n in part], self.tokenizer.pad_token_id, self.device)
+            with self.handle.disabled():
+                logp = torch.log_softmax(logits_fn(batch).float(), dim=-1)
+            top = logp.topk(REF_TOPK, dim=-1)
+            for row, n in enumerate(part):
+                t = len(n["pair"][1])
+                n["ref_ids"], n["ref_logp"] = top.indices[row, :t].cpu(), top.values[row, :t].cpu()
+        return out
+
+    def _training_batches(self, requests, negatives: list[dict]) -> list[tuple]:
+        """``(batch, prompts, subjects)`` per optimiser update: all edits at once, or groups of
+        ``config.update_batch`` edits (shuffled once, with their negatives)."""
+        n = len(requests)
+        size = self.config.update_batch
+        if size <= 0 or n <= size:
+            groups = [list(range(n))]
+        else:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed)).tolist()
+            groups = [perm[i:i + size] for i in range(0, n, size)]
+        by_owner: dict[int, list[dict]] = {}
+        for neg in negatives:
+            by_owner.setdefault(neg["owner"], []).append(neg)
+        out = []
+        for group in groups:
+            edits = [requests[i] for i in group]
+            negs = [g for i in group for g in by_owner.get(i, [])]
+            pairs = [encode_pair(self.tokenizer, r.prompt, r.target) for r in edits] + [g["pair"] for g in negs]
+            batch = collate(pairs, self.tokenizer.pad_token_id)
+            if negs:
+                b, tt = batch.target_ids.shape
+                negative = torch.zeros(b, dtype=torch.bool)
+                negative[len(edits):] = True
+                ref_ids = torch.zeros(b, tt, REF_TOPK, dtype=torch.long)
+                ref_logp = torch.zeros(b, tt, REF_TOPK)
+                for row, g in enumerate(negs, start=len(edits)):
+                    t = g["ref_ids"].shape[0]
+                    ref_ids[row, :t], ref_logp[row, :t] = g["ref_ids"], g["ref_logp"]
+                batch = Batch(batch.input_ids, batch.attention_mask, batch.pred_pos, batch.target_ids,
+                              batch.target_mask, negative, ref_ids, ref_logp)
+            prompts = [r.prompt for r in edits] + [g["prompt"] for g in negs]
+            subjects = [r.subject for r in edits] + [g["subject"] for g in negs]
+            out.append((batch.to(self.device), prompts, subjects))
+        return out
+
+    def train(self, requests, desc: str = "editing", owner: int = -1) -> list[float]:
+        """Train the bypass on ``requests`` for ``config.steps`` steps; returns the loss of each step
+        (with ``update_batch``, a step is one pass over the groups and its loss their mean).
+        ``owner``: the expert these edits are routed to (lifelong editing; -1: the gate decides)."""
+        negatives = self.negatives(requests)
+        self.handle.add_subjects([r.subject for r in requests], owner)
         self.prepare(requests)
-        pairs = [encode_pair(self.tokenizer, r.prompt, r.target) for r in requests]
-        batch = collate(pairs, self.tokenizer.pad_token_id, self.device)
-        prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+        batches = self._training_batches(requests, negatives)
         params = self.handle.parameters()
         # The fused Adam (one kernel over all tensors) takes ~1/4 of the default's time on the CPU.
         opt = torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
                                fused=_fused_adam_ok(params))
         sched = None
         if self.config.lr_schedule == "cosine" and self.config.steps > 0:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.config.steps)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.config.steps * len(batches))
         bypass = self.handle.bypass
         bypass.train(True)
         losses = []
         try:
-            for _ in _progress(range(self.config.steps), self.progress, desc=desc, leave=False):
-                opt.zero_grad(set_to_none=True)
-                losses.append(self.backward_step(batch, prompts, subjects))
-                opt.step()
-                if sched is not None:
-                    sched.step()
+            for step in _progress(range(self.config.steps), self.progress, desc=desc, leave=False):
+                step_losses = []
+                for batch, prompts, subjects in batches:
+                    opt.zero_grad(set_to_none=True)
+                    loss = self.backward_step(batch, prompts, subjects)
+                    if not math.isfinite(loss):
+                        # Nothing of this step has been applied: the bypass keeps its last good weights.
+                        raise FloatingPointError(f"training diverged: loss {loss} at step {step} ({desc})")
+                    step_losses.append(loss)
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                losses.append(sum(step_losses) / len(step_losses))
                 if losses[-1] < self.config.stop_loss:
                     break  # every target is already near-certain: more steps only cost time
         finally:
@@ -123,7 +235,8 @@ class MEMoEEditor:
             self.finish()
         return losses
 
-    def edit(self, requests, mode: str = "batch", batch_size: int | None = None, evaluate: bool = True) -> dict:
+    def edit(self, requests, mode: str = "batch", batch_size: int | None = None, evaluate: bool = True,
+             user_metrics: bool = False, checkpoint_dir: str | None = None, resume: bool = False) -> dict:
         """Edit ``requests`` and measure Reliability / Generality / Locality before and after.
 
         Args:
@@ -131,6 +244,10 @@ class MEMoEEditor:
             mode: ``"batch"`` (all edits trained together) or ``"sequential"`` (batches of
                 ``batch_size`` one after another, metrics after each batch and at the end).
             evaluate: measure the metrics (skipped when False: only the losses and timings come back).
+            user_metrics: also measure the metrics as users meet the model
+                (:func:`~memoe_fast.metrics.evaluate_user`: greedy, same-subject, chat, portability).
+            checkpoint_dir: sequential mode: save the edits there after every batch (atomically).
+            resume: continue from the last batch saved in ``checkpoint_dir`` (same requests, same config).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -142,23 +259,54 @@ class MEMoEEditor:
         timings: dict[str, float] = {}
         result: dict = {"n_edits": len(requests), "mode": mode, "batch_size": batch_size if mode == "sequential" else len(requests)}
         t0 = time.perf_counter()
+        same = None
         if evaluate:
             pre_loc = self.pre_locality(requests)
             with self.handle.disabled():
                 result["pre"] = self.evaluate(requests, pre_loc)
+                if user_metrics:
+                    same = same_subject_cases(self.model, self.tokenizer, requests, self.handle,
+                                              batch_size=self.eval_batch_size)
+                    attach_expected_argmax(self.model, self.tokenizer, same, self.handle, self.eval_batch_size)
+                    result["pre"].update(self._user(requests, same))
             timings["eval_pre_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         batches = [requests] if mode == "batch" else [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
-        losses, per_batch = [], []
+        losses, per_batch, done = [], [], 0
+        if checkpoint_dir and resume and os.path.exists(os.path.join(checkpoint_dir, "memoe.json")):
+            meta = self.handle.load_weights(checkpoint_dir)
+            done, losses, per_batch = meta["batches_done"], meta["losses"], meta["per_batch"]
+            if meta.get("n_edits") != len(requests) or meta.get("batch_size") != result["batch_size"]:
+                raise ValueError(f"{checkpoint_dir}: the checkpoint was written for {meta.get('n_edits')} edits in "
+                                 f"batches of {meta.get('batch_size')}, not {len(requests)} in batches of {result['batch_size']}")
+        per_batch_experts = mode == "sequential" and self.config.sequential_experts == "per_batch"
         for b, chunk in enumerate(_progress(batches, self.progress and len(batches) > 1, desc="batches")):
+            if b < done:
+                continue
+            tb = time.perf_counter()
+            owner = -1
+            if per_batch_experts:
+                # Each batch gets an expert of its own, routed by its subjects' keys; the earlier ones freeze.
+                bypass = self.handle.bypass
+                if b >= bypass.num_experts:
+                    bypass.add_experts(b + 1 - bypass.num_experts)
+                bypass.freeze_experts(b)
+                owner = b
             # With replay, each batch trains together with the edits before it, so that a later batch
             # cannot overwrite an expert that an earlier edit relies on.
             seen = [r for c in batches[:b] for r in c] if self.config.replay else []
-            losses.append(self.train(seen + chunk, desc=f"batch {b + 1}/{len(batches)}"))
+            losses.append(self.train(seen + chunk, desc=f"batch {b + 1}/{len(batches)}", owner=owner))
+            entry = {"batch": b, "n": len(chunk), "train_s": time.perf_counter() - tb}
             if mode == "sequential" and evaluate:
                 offset = sum(len(c) for c in batches[:b])
                 m = self.evaluate(chunk, pre_loc[offset:offset + len(chunk)])
-                per_batch.append({"batch": b, "n": len(chunk), **{k: m[k] for k in ("reliability", "generality", "locality")}})
+                entry.update({k: m[k] for k in ("reliability", "generality", "locality")})
+            if mode == "sequential":
+                per_batch.append(entry)
+            if checkpoint_dir and mode == "sequential":
+                self.handle.save(checkpoint_dir, extra={"batches_done": b + 1, "losses": losses, "per_batch": per_batch,
+                                                        "n_edits": len(requests), "batch_size": result["batch_size"]})
+        self.handle.bypass.freeze_experts(0)
         timings["edit_s"] = time.perf_counter() - t1
         result["losses"] = losses
         if per_batch:
@@ -166,7 +314,20 @@ class MEMoEEditor:
         if evaluate:
             t2 = time.perf_counter()
             result["post"] = self.evaluate(requests, pre_loc)
+            if same is not None:
+                result["post"].update(self._user(requests, same))
+            if mode == "sequential" and len(batches) > 1:
+                first = self.evaluate(batches[0], pre_loc[:len(batches[0])])
+                result["first_batch_final"] = {k: first[k] for k in ("reliability", "generality", "locality")}
             timings["eval_post_s"] = time.perf_counter() - t2
         result["timings"] = timings
         self.history.append(result)
         return result
+
+    def _user(self, requests, same) -> dict:
+        """:func:`~memoe_fast.metrics.evaluate_user` on the model as it is now, per-example scores aside."""
+        m = evaluate_user(self.model, self.tokenizer, requests, self.handle, same, batch_size=self.eval_batch_size,
+                          logits_fn=self.eval_logits_fn())
+        per = m.pop("per_example")
+        m["per_example_user"] = per
+        return m

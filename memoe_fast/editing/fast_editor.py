@@ -30,15 +30,55 @@ by step at the first, a middle and the last block).
 from __future__ import annotations
 
 import contextlib
+import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
 
-from .editor import MEMoEEditor
+from .editor import MEMoEEditor, loss_totals, row_loss
 from ..integration import transformer_blocks
 from .packing import Packed, attention_configs, block_at_rows, pack_block_inputs, packed_attention  # noqa: F401
 from .frozen_block import FrozenBlocks, supported as frozen_block_supported
 from .prepack import PrepackedLinears
+
+
+log = logging.getLogger("memoe_fast")
+
+SHORTCUTS = ("packed_rows", "packed_attention", "cached_edited_block", "last_block_at_rows", "one_node_blocks",
+             "prepacked_weights")
+
+
+@dataclass
+class Decision:
+    taken: bool
+    reason: str
+
+
+@dataclass
+class EditPlan:
+    """Which of the fast editor's shortcuts a training batch took, and why not where it did not.
+
+    Each shortcut checks itself at run time and steps aside where it does not hold; the plan makes that
+    visible: it is logged (a check that *failed* as a warning), and the CLI writes it to results.json."""
+
+    decisions: dict[str, Decision] = field(default_factory=dict)
+
+    def record(self, name: str, taken: bool, reason: str, failed_check: bool = False) -> None:
+        old = self.decisions.get(name)
+        if old is None:
+            self.decisions[name] = Decision(taken, reason)
+            (log.warning if failed_check else log.info)("fast editor: %s %s (%s)", name,
+                                                        "taken" if taken else "skipped", reason)
+        elif old.taken != taken:
+            self.decisions[name] = Decision(False, f"mixed across micro-batches: {old.reason}; {reason}")
+
+    def taken(self, name: str) -> bool:
+        d = self.decisions.get(name)
+        return bool(d and d.taken)
+
+    def to_dict(self) -> dict:
+        return {k: {"taken": d.taken, "reason": d.reason} for k, d in self.decisions.items()}
 
 
 class _StopForward(Exception):
@@ -115,7 +155,8 @@ class FastMEMoEEditor(MEMoEEditor):
         self.micro_batch = micro_batch
         self.blocks = transformer_blocks(self.model)
         self._anchor_cache: dict = {}
-        self._prefix = None
+        self._prefix: dict = {}  # id(batch) -> (batch, [(Prefix, prompts, subjects)]) while training
+        self.plan = EditPlan()  # the shortcuts the last training batch took (see EditPlan)
         self._attn_configs = None
 
     def _capture(self, batch, block: int) -> tuple[tuple, dict]:
@@ -146,9 +187,15 @@ class FastMEMoEEditor(MEMoEEditor):
         """
         layer = self.handle.layer
         packed = None
+        plan = self.plan
         if self.pack:
             args, kwargs, packed = pack_block_inputs(*self._capture(sub, 0), sub)
+            plan.record("packed_rows", packed is not None,
+                        "one row of real tokens" if packed is not None else "no padding or no attention mask to rebuild")
+        else:
+            plan.record("packed_rows", False, "pack=False")
         if packed is None:
+            plan.record("packed_attention", False, "no packed rows")
             args, kwargs = self._capture(sub, layer)
         else:
             agrees, first = self._packed_attention_agrees(args, kwargs, packed)
@@ -160,13 +207,21 @@ class FastMEMoEEditor(MEMoEEditor):
                 args = (hidden, *args[1:])
         with self._attention(kwargs):
             mlp_in, base_out = self._split_edited_block(args, kwargs)
+        plan.record("cached_edited_block", base_out is not None, self._split_reason, self._split_reason.startswith("check failed"))
         if packed is not None:
             rows = packed.pred_abs[sub.target_mask]
         else:
             b, t = sub.target_mask.nonzero(as_tuple=True)
             rows = b * args[0].shape[1] + sub.pred_pos[b, t]  # into the flattened (B*L) states
         prefix = Prefix(sub, args, kwargs, packed, mlp_in, base_out, rows, sub.target_ids[sub.target_mask])
-        prefix.last_at_rows = packed is not None and self._last_block_at_rows_agrees(prefix)
+        if sub.negative is not None:
+            tm = sub.target_mask
+            prefix.negatives = (sub.negative.unsqueeze(1).expand_as(tm)[tm], sub.ref_ids[tm], sub.ref_logp[tm])
+        if packed is None:
+            prefix.last_at_rows = False
+            plan.record("last_block_at_rows", False, "no packed rows")
+        else:
+            prefix.last_at_rows = self._last_block_at_rows_agrees(prefix)
         prefix.fused = self._frozen_blocks(prefix)
         return prefix
 
@@ -176,9 +231,15 @@ class FastMEMoEEditor(MEMoEEditor):
         first upper block, output and input gradient against the block's own, before it is used."""
         upper = self.blocks[self.handle.layer + 1:]
         hidden = prefix.base_out if prefix.base_out is not None else prefix.args[0]
-        if (self.checkpoint or "memoe_packed" not in prefix.kwargs or len(upper) < 2 or hidden.device.type != "cpu"
-                or hidden.dtype != torch.float32 or not all(frozen_block_supported(b) for b in upper)
-                or any(_layout(b) != _layout(upper[0]) for b in upper)):
+        why = ("checkpointing is on" if self.checkpoint else
+               "no packed attention" if "memoe_packed" not in prefix.kwargs else
+               "fewer than two upper blocks" if len(upper) < 2 else
+               f"{hidden.device.type} states (CPU only)" if hidden.device.type != "cpu" else
+               f"{hidden.dtype} states (float32 only)" if hidden.dtype != torch.float32 else
+               "an upper block is not LLaMA-style" if not all(frozen_block_supported(b) for b in upper) else
+               "upper blocks differ in layout" if any(_layout(b) != _layout(upper[0]) for b in upper) else None)
+        if why is not None:
+            self.plan.record("one_node_blocks", False, why)
             return None
         fused = FrozenBlocks(prefix.kwargs, lambda: self._prepacked.packed if self._prepacked is not None else {})
         block = upper[0]
@@ -193,7 +254,10 @@ class FastMEMoEEditor(MEMoEEditor):
                 outs.append(y.detach())
                 grads.append(h.grad)
         if _agree(outs[1], outs[0], rtol=1e-4) and _agree(grads[1], grads[0], rtol=1e-3, ulps=64):
+            self.plan.record("one_node_blocks", True, "output and input gradient match the block's own")
             return fused
+        self.plan.record("one_node_blocks", False, "check failed: output or input gradient differs from the block's own",
+                         failed_check=True)
         return None
 
     def _last_block_at_rows_agrees(self, prefix: "Prefix") -> bool:
@@ -201,15 +265,20 @@ class FastMEMoEEditor(MEMoEEditor):
         the edited block's input: any states will do, the question is whether the two compute the same
         function of them."""
         if len(self.blocks) - 1 <= self.handle.layer:
+            self.plan.record("last_block_at_rows", False, "the edited block is the last block")
             return False
         hidden = prefix.args[0]
         with torch.no_grad():
             try:
                 part = block_at_rows(self.blocks[-1], hidden, prefix.rows, prefix.kwargs)
-            except NotImplementedError:
+            except NotImplementedError as exc:
+                self.plan.record("last_block_at_rows", False, f"not a LLaMA-style block ({exc})")
                 return False
             whole = _hidden(self.blocks[-1](hidden, *prefix.args[1:], **prefix.kwargs))[0, prefix.rows]
-        return _agree(part, whole, rtol=1e-4)
+        ok = _agree(part, whole, rtol=1e-4)
+        self.plan.record("last_block_at_rows", ok, "matches the whole block" if ok else
+                         "check failed: differs from the whole block", failed_check=not ok)
+        return ok
 
     def _attention(self, kwargs: dict):
         """The packed attention, for inputs that carry their packing (see :func:`packed_sdpa`)."""
@@ -226,12 +295,15 @@ class FastMEMoEEditor(MEMoEEditor):
         with torch.no_grad(), self.handle.disabled():
             plain = _hidden(block(*args, **kwargs))
             if self._attn_configs is None:
+                self.plan.record("packed_attention", False, "the blocks' attention is not sdpa-compatible")
                 return False, plain
             with packed_attention(self._attn_configs):
                 fast = _hidden(block(*args, **{**kwargs, "memoe_packed": packed}))
         if not _agree(fast, plain, rtol=1e-4):
             self._attn_configs = None
+            self.plan.record("packed_attention", False, "check failed: block 0 differs from sdpa", failed_check=True)
             return False, plain
+        self.plan.record("packed_attention", True, "block 0 matches sdpa")
         return True, fast
 
     def _split_edited_block(self, args: tuple, kwargs: dict):
@@ -255,11 +327,13 @@ class FastMEMoEEditor(MEMoEEditor):
             finally:
                 h.remove()
             if "x" not in store or not base_out.dtype.is_floating_point:
+                self._split_reason = "the bypass was not reached or the block output is not float"
                 return None, None
             gen = torch.Generator(device=base_out.device).manual_seed(0)
             delta = torch.randn(store["x"].shape[:-1] + base_out.shape[-1:], generator=gen, device=base_out.device,
                                 dtype=torch.float32).mul_(base_out.float().std()).to(base_out.dtype)
             if delta.shape != base_out.shape:
+                self._split_reason = "the MLP output and the block output differ in shape"
                 return None, None
             h = bypass.register_forward_hook(lambda _m, _i, out: out + delta)
             try:
@@ -268,7 +342,9 @@ class FastMEMoEEditor(MEMoEEditor):
                 h.remove()
         scale = float(base_out.abs().max()) + float(delta.abs().max())
         if not _agree(moved.float() - base_out.float(), delta.float(), rtol=0, scale=scale):
+            self._split_reason = "check failed: the block output is not additive in the MLP output (e.g. post-norm)"
             return None, None
+        self._split_reason = "the block output is additive in the MLP output"
         return store["x"], base_out
 
     def _upper(self, prefix: "Prefix") -> torch.Tensor:
@@ -298,52 +374,79 @@ class FastMEMoEEditor(MEMoEEditor):
         return hit
 
     def prepare(self, requests) -> None:
-        self._prefix = None
+        self._prefix = {}
+        self.plan = EditPlan()
         if self.prepack and self._prepacked is None:
             self._prepacked = PrepackedLinears([*self.blocks[self.handle.layer + 1:], self.model.get_output_embeddings()])
 
     def finish(self) -> None:
         # The cached states and the packed weights are freed after training.
         self.prepacked_last = self._prepacked is not None and self._prepacked.active
-        self._prefix = None
+        self.plan.record("prepacked_weights", self.prepacked_last,
+                         "oneDNN packed copies of the upper blocks' linears" if self.prepacked_last else
+                         "prepack=False" if not self.prepack else "not applicable (not CPU fp32, no oneDNN ops, or over the memory cap)")
+        self._prefix = {}
         self._prepacked = None
 
     def _linears(self):
         return self._prepacked() if self._prepacked is not None else contextlib.nullcontext()
 
+    def _chunks(self, batch, prompts, subjects) -> list:
+        """The micro-batches of ``batch`` with their frozen prefixes, computed on its first step."""
+        hit = self._prefix.get(id(batch))
+        if hit is not None and hit[0] is batch:
+            return hit[1]
+        # Micro-batches of similar length, each trimmed to its own longest sequence: no step
+        # spends work on padding.
+        lengths = batch.attention_mask.sum(1)
+        if self.config.aux_loss_weight == 0:
+            # A sequence's last token (its last target token) predicts nothing that is scored, and in
+            # a causal model no other position sees it: it is dropped from every forward. (With a
+            # balance loss, its routing counts, so it stays.)
+            lengths = lengths - 1
+        lengths = lengths.tolist()
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        chunks = []
+        for s in range(0, len(order), self.micro_batch):
+            idx = order[s:s + self.micro_batch]
+            sub = _select(batch, idx, [lengths[i] for i in idx])
+            ps, ss = [prompts[i] for i in idx], [subjects[i] for i in idx]
+            prefix = self._frozen_prefix(sub)
+            prefix.token_mask = self._token_mask(prefix, self._anchors(ps, ss))
+            chunks.append((prefix, ps, ss))
+        self._prefix[id(batch)] = (batch, chunks)
+        return chunks
+
+    def _token_mask(self, prefix: "Prefix", anchors):
+        """The tokens of a micro-batch the bypass acts on (``bypass_positions``), in its layout."""
+        if self.config.bypass_positions == "all":
+            return None
+        sub = prefix.sub
+        if prefix.packed is None:
+            return self.handle.token_mask(anchors, sub.input_ids, sub.attention_mask)
+        real = sub.attention_mask.bool().cpu()
+        ids = sub.input_ids.cpu()
+        starts = torch.tensor(self.handle.active_starts(anchors, [ids[i][real[i]].tolist() for i in range(ids.shape[0])]))
+        pos = prefix.packed.slots.cpu() % prefix.packed.length
+        return pos >= starts[prefix.packed.token_seq]
+
     def backward_step(self, batch, prompts, subjects) -> float:
-        if self._prefix is None or self._prefix[0] is not batch:
-            # Micro-batches of similar length, each trimmed to its own longest sequence: no step
-            # spends work on padding.
-            lengths = batch.attention_mask.sum(1)
-            if self.config.aux_loss_weight == 0:
-                # A sequence's last token (its last target token) predicts nothing that is scored, and in
-                # a causal model no other position sees it: it is dropped from every forward. (With a
-                # balance loss, its routing counts, so it stays.)
-                lengths = lengths - 1
-            lengths = lengths.tolist()
-            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-            chunks = []
-            for s in range(0, len(order), self.micro_batch):
-                idx = order[s:s + self.micro_batch]
-                sub = _select(batch, idx, [lengths[i] for i in idx])
-                chunks.append((self._frozen_prefix(sub), [prompts[i] for i in idx], [subjects[i] for i in idx]))
-            self._prefix = (batch, chunks)
-        total_tokens = batch.target_mask.sum().clamp_min(1)
+        chunks = self._chunks(batch, prompts, subjects)
+        n_edit, n_neg = loss_totals(batch)
         n_seq = batch.input_ids.shape[0]
         loss_sum = 0.0
-        for prefix, ps, ss in self._prefix[1]:
+        for prefix, ps, ss in chunks:
             token_seq = None if prefix.packed is None else prefix.packed.token_seq
             # Both contexts span the backward too: checkpointing recomputes the forward there.
             with self._attention(prefix.kwargs), self._linears(), \
-                    self.handle.anchored(anchors=self._anchors(ps, ss), token_seq=token_seq):
+                    self.handle.anchored(anchors=self._anchors(ps, ss), token_seq=token_seq, token_mask=prefix.token_mask):
                 hidden = self._upper(prefix)
                 aux = self.handle.bypass.last_aux_loss
                 # Final norm and LM head at the real target tokens only (no padded target slots).
                 logp = torch.log_softmax(lm_head(self.model, hidden).float(), dim=-1)
-                # This chunk's token NLLs normalised by the whole batch's token count: the accumulated
+                # This chunk's token losses normalised by the whole batch's token counts: the accumulated
                 # gradient equals the one of a single pass over the batch.
-                loss = -logp.gather(-1, prefix.targets.unsqueeze(-1)).sum() / total_tokens
+                loss = row_loss(logp, prefix.targets, n_edit, n_neg, *prefix.negatives, self.config.negative_weight)
                 if aux is not None and self.config.aux_loss_weight > 0:
                     loss = loss + self.config.aux_loss_weight * aux * prefix.sub.input_ids.shape[0] / n_seq
                 loss.backward()  # one chunk's graph alive at a time
@@ -374,6 +477,8 @@ class Prefix:
         self.targets = targets  # (Nt,) the target token at each of those rows
         self.last_at_rows = False  # the last block runs at ``rows`` only (checked by the editor)
         self.fused = None  # FrozenBlocks: the upper blocks as one autograd node each (checked by the editor)
+        self.token_mask = None  # (N,) bool: the tokens the bypass acts on (None: all)
+        self.negatives = (None, None, None)  # per target row: negative?, unedited top ids, their log-probs
 
 
 def _agree(got: torch.Tensor, want: torch.Tensor, rtol: float, ulps: int = 16, scale: float | None = None) -> bool:
@@ -415,6 +520,7 @@ def _select(batch, idx: list[int], lengths: list[int]):
     rows = torch.tensor(idx, device=device)
     length = max(lengths)
     keep = (torch.arange(length, device=device) < torch.tensor(lengths, device=device).unsqueeze(1))
-    mask = batch.attention_mask[rows, :length] * keep.to(batch.attention_mask.dtype)
-    return Batch(batch.input_ids[rows, :length], mask, batch.pred_pos[rows], batch.target_ids[rows],
-                 batch.target_mask[rows])
+    sub = batch.rows(rows)
+    mask = sub.attention_mask[:, :length] * keep.to(batch.attention_mask.dtype)
+    return Batch(sub.input_ids[:, :length], mask, sub.pred_pos, sub.target_ids, sub.target_mask,
+                 sub.negative, sub.ref_ids, sub.ref_logp)
