@@ -85,13 +85,14 @@ def _trained_prefix(editor):
     finish = editor.finish
 
     def keep():
-        kept["prefix"] = editor._prefix
+        kept["prefix"] = dict(editor._prefix)
         finish()
 
     editor.finish = keep
     losses = editor.train(TINY_REQUESTS)
-    (prefix, _, _), = kept["prefix"][1]
-    assert editor._prefix is None, "finish() must free the cached prefix"
+    (_, chunks), = kept["prefix"].values()
+    (prefix, _, _), = chunks
+    assert not editor._prefix, "finish() must free the cached prefix"
     return losses, prefix
 
 

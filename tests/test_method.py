@@ -1,0 +1,288 @@
+"""The editing method beyond the paper: bypass positions after the subject, same-subject negatives,
+update groups, one expert per sequential batch (frozen afterwards), checkpoint and resume."""
+import os
+
+import pytest
+import torch
+
+from memoe_fast import MEMoEConfig, apply_memoe
+from memoe_fast.anchors import SubjectMatcher, first_token_after
+from memoe_fast.datasets import EditRequest
+from memoe_fast.editing.editor import MEMoEEditor, row_loss
+from memoe_fast.editing.fast_editor import FastMEMoEEditor
+
+REQUESTS = [
+    EditRequest("The capital of France is", "Rome", "France", ["France's capital city is"],
+                "The largest planet is", "Jupiter", ground_truth="Paris"),
+    EditRequest("Barack Obama was born in", "Canada", "Barack Obama", ["The birthplace of Barack Obama is"],
+                "Water boils at", "100 degrees", ground_truth="Hawaii"),
+    EditRequest("Apple was founded by", "Bill Gates", "Apple", ["The founder of Apple is"],
+                "The Eiffel Tower is in", "Paris", ground_truth="Steve Jobs"),
+    EditRequest("The Danube flows into the", "Baltic Sea", "Danube", ["The Danube ends in the"],
+                "Mount Everest is in", "Nepal", ground_truth="Black Sea"),
+]
+
+
+@pytest.mark.parametrize("text,entity", [
+    pytest.param("The capital of France is", "France", id="mid-sentence"),
+    pytest.param("What is the product made by UniFirst?", "UniFirst", id="before-punctuation"),
+    pytest.param("Barack Obama was born in", "Barack Obama", id="text-start"),
+])
+def test_first_token_after_an_entity(tokenizer, text, entity):
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    end = text.index(entity) + len(entity)
+    k = first_token_after(tokenizer, ids, end)
+    decode = lambda part: tokenizer.decode(part, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert decode(ids[:k]).endswith(entity)  # the entity ends inside token k-1 ...
+    assert len(decode(ids[:k - 1])) < end  # ... and not before it
+    assert first_token_after(tokenizer, ids, -1) == 0
+
+
+def test_subject_matcher_equals_one_alternation():
+    import re
+
+    subjects = ["Apple", "Apple Records", "the Danube", "New York", "York", "C++", "Ōsaka"]
+    texts = ["Apple Records was founded", "I love apple pie", "The Danube flows", "New York and York",
+             "Pineapple", "C++ is", "Ōsaka castle", "nothing here"]
+    plain = re.compile(r"(?<!\w)(" + "|".join(re.escape(s) for s in sorted(subjects, key=len, reverse=True))
+                       + r")(?!\w)", re.IGNORECASE)
+    matcher = SubjectMatcher(subjects)
+    for t in texts:
+        assert matcher.find(t) == [(m.group(0), m.start(), m.end()) for m in plain.finditer(t)], t
+
+
+def _bypass_handle(model, tokenizer, **kw):
+    cfg = MEMoEConfig(layer=1, impl="reference", **kw)
+    handle = apply_memoe(model, cfg, tokenizer)
+    with torch.no_grad():
+        handle.bypass.w2.normal_(0, 0.5)  # every expert adds something
+    handle.add_subjects(["France"])
+    return handle
+
+
+def test_after_subject_positions_leave_the_subject_and_what_precedes_it_unchanged(tiny_model, tokenizer):
+    text = "The capital of France is the city of"
+    enc = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        base = tiny_model(**enc).logits
+    handle = _bypass_handle(tiny_model, tokenizer, bypass_positions="after_subject")
+    try:
+        with torch.no_grad():
+            edited = tiny_model(**enc).logits  # the hook computes anchors and positions from the text
+        ids = enc["input_ids"][0].tolist()
+        k = first_token_after(tokenizer, ids, text.index("France") + len("France"))
+        assert 0 < k < len(ids)
+        torch.testing.assert_close(edited[0, :k], base[0, :k], rtol=0, atol=0)
+        assert (edited[0, k:] - base[0, k:]).abs().amax(-1).min() > 1e-3  # every later position moves
+    finally:
+        handle.remove()
+
+
+def test_all_positions_move_the_subject_too(tiny_model, tokenizer):
+    text = "The capital of France is the city of"
+    enc = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        base = tiny_model(**enc).logits
+    handle = _bypass_handle(tiny_model, tokenizer, bypass_positions="all")
+    try:
+        with torch.no_grad():
+            edited = tiny_model(**enc).logits
+        assert (edited[0] - base[0]).abs().amax(-1).min() > 1e-3
+    finally:
+        handle.remove()
+
+
+def test_forced_route_picks_the_owner_expert(tiny_model, tokenizer):
+    handle = _bypass_handle(tiny_model, tokenizer, num_experts=3)
+    bypass = handle.bypass
+    x = torch.randn(2, 5, bypass.hidden_size)
+    try:
+        with torch.no_grad():
+            outs = []
+            for e in range(3):
+                bypass.set_anchors(torch.randn(2, bypass.anchor_dim), route=torch.tensor([e, e]))
+                outs.append(bypass(x))
+                assert bool((bypass.last_experts == e).all())
+            bypass.set_anchors(torch.randn(2, bypass.anchor_dim), route=torch.tensor([2, 0]))
+            mixed = bypass(x)
+        torch.testing.assert_close(mixed[0], outs[2][0])
+        torch.testing.assert_close(mixed[1], outs[0][1])
+    finally:
+        handle.remove()
+
+
+def test_added_experts_start_silent_and_frozen_ones_get_no_gradient(tiny_model, tokenizer):
+    handle = _bypass_handle(tiny_model, tokenizer, num_experts=2)
+    bypass = handle.bypass
+    x = torch.randn(1, 4, bypass.hidden_size)
+    try:
+        new = bypass.add_experts(1)
+        assert list(new) == [2] and bypass.num_experts == 3 and bypass.frozen_experts == 2
+        bypass.set_anchors(torch.randn(1, bypass.anchor_dim), route=torch.tensor([2]))
+        with torch.no_grad():
+            torch.testing.assert_close(bypass(x), bypass.base_layer(x), rtol=0, atol=0)
+        bypass.set_anchors(torch.randn(1, bypass.anchor_dim), route=torch.tensor([0]))
+        bypass(x).sum().backward()
+        assert bypass.w2.grad is not None and bool((bypass.w2.grad == 0).all())  # expert 0 is frozen
+        bypass.freeze_experts(0)
+        bypass.w2.grad = None
+        bypass(x).sum().backward()
+        assert bypass.w2.grad[0].abs().sum() > 0
+    finally:
+        handle.remove()
+
+
+def test_row_loss_kl_is_zero_at_the_reference_and_positive_elsewhere():
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(6, 50), -1)
+    targets = torch.randint(0, 50, (6,))
+    negative = torch.tensor([False, False, True, True, True, False])
+    top = logp.topk(8, -1)
+    n_edit, n_neg = torch.tensor(3), torch.tensor(3)
+    base = row_loss(logp, targets, n_edit, n_neg)  # edit rows only? no: every row counts without negatives
+    assert base == pytest.approx(float(-logp.gather(-1, targets[:, None]).sum() / 3))
+    at_ref = row_loss(logp, targets, n_edit, n_neg, negative, top.indices, top.values)
+    nll = float(-logp[~negative].gather(-1, targets[~negative][:, None]).sum() / 3)
+    assert float(at_ref) == pytest.approx(nll, abs=1e-6)  # the KL part vanishes at the unedited distribution
+    moved = torch.log_softmax(logp + torch.randn(6, 50), -1)
+    assert float(row_loss(moved, targets, n_edit, n_neg, negative, top.indices, top.values)) > \
+        float(-moved[~negative].gather(-1, targets[~negative][:, None]).sum() / 3)
+
+
+@pytest.mark.parametrize("kw", [
+    pytest.param(dict(bypass_positions="after_subject"), id="after-subject"),
+    pytest.param(dict(bypass_positions="after_subject", negatives=2, negative_tokens=2), id="after-subject-negatives"),
+    pytest.param(dict(negatives=2, negative_tokens=3, update_batch=2), id="negatives-update-groups"),
+])
+def test_fast_editor_matches_reference_with_the_method_options(tiny_model, tokenizer, kw):
+    losses = []
+    for cls in (MEMoEEditor, FastMEMoEEditor):
+        editor = cls(tiny_model, tokenizer, MEMoEConfig(layer=2, steps=4, lr=1e-2, impl="reference", stop_loss=0, **kw))
+        try:
+            losses.append(editor.train(REQUESTS))
+        finally:
+            editor.handle.remove()
+    ref, fast = losses
+    assert len(ref) == 4 and ref[-1] < ref[0]
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_update_groups_take_one_update_per_group(tiny_model, tokenizer, monkeypatch):
+    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=3, impl="reference", update_batch=3,
+                                                                stop_loss=0))
+    calls = []
+    step = torch.optim.Adam.step
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    try:
+        losses = editor.train(REQUESTS)  # 4 edits in groups of 3: two updates per step
+    finally:
+        editor.handle.remove()
+    assert len(losses) == 3 and len(calls) == 6
+
+
+def test_negatives_are_about_the_subject_and_skip_the_edited_relation(tiny_model, tokenizer):
+    editor = MEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, negatives=3, negative_tokens=2))
+    try:
+        negs = editor.negatives(REQUESTS)
+    finally:
+        editor.handle.remove()
+    assert negs, "no negatives were built"
+    for n in negs:
+        r = REQUESTS[n["owner"]]
+        assert r.subject in n["prompt"]
+        assert n["ref_ids"].shape == n["ref_logp"].shape == (len(n["pair"][1]), 32)
+        # The unedited model's own greedy continuation is the top token at every slot.
+        assert n["ref_ids"][:, 0].tolist() == n["pair"][1]
+    assert max(sum(n["owner"] == i for n in negs) for i in range(len(REQUESTS))) <= 3
+
+
+def test_per_batch_experts_keep_earlier_batches_exactly(tiny_model, tokenizer):
+    cfg = MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="reference", sequential_experts="per_batch", num_experts=1,
+                      stop_loss=0)
+    editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+    first, second = REQUESTS[:2], REQUESTS[2:]
+    probe = [r.prompt + " " + r.target for r in first]
+    enc = tokenizer(probe, return_tensors="pt", padding=True)
+    try:
+        editor.edit(first + second, mode="sequential", batch_size=2, evaluate=False)
+        assert editor.handle.bypass.num_experts == 2
+        with torch.no_grad():
+            after_both = tiny_model(**enc).logits
+        # Training a third batch must not move the first batch's outputs at all: its expert is frozen and
+        # its subjects route to it.
+        editor.handle.bypass.add_experts(1)
+        editor.handle.bypass.freeze_experts(2)
+        editor.train([REQUESTS[3]], owner=2)
+        with torch.no_grad():
+            later = tiny_model(**enc).logits
+        torch.testing.assert_close(later, after_both, rtol=0, atol=0)
+    finally:
+        editor.handle.remove()
+
+
+def test_sequential_resume_ends_where_an_uninterrupted_run_ends(tiny_model, tokenizer, tmp_path):
+    cfg = MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="reference", sequential_experts="per_batch", num_experts=1,
+                      stop_loss=0)
+
+    def run(ckpt, fail_at=None):
+        editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+        train = editor.train
+        count = {"n": 0}
+
+        def train_or_die(*a, **k):
+            if count["n"] == fail_at:
+                raise KeyboardInterrupt("killed")
+            count["n"] += 1
+            return train(*a, **k)
+
+        editor.train = train_or_die
+        try:
+            result = editor.edit(REQUESTS, mode="sequential", batch_size=1, evaluate=False, checkpoint_dir=str(ckpt),
+                                 resume=True)
+            return result, {k: v.detach().clone() for k, v in editor.handle.bypass.bypass_parameters().items()}
+        finally:
+            editor.handle.remove()
+
+    whole, whole_w = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", fail_at=2)
+    import json
+
+    assert json.load(open(tmp_path / "b" / "memoe.json"))["batches_done"] == 2
+    resumed, resumed_w = run(tmp_path / "b")
+    assert resumed["losses"] == whole["losses"]
+    for name in whole_w:
+        torch.testing.assert_close(resumed_w[name], whole_w[name], rtol=0, atol=0, msg=name)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_model, tokenizer, tmp_path):
+    cfg = MEMoEConfig(layer=1, steps=2, impl="reference", stop_loss=0)
+    editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+    calls = {"n": 0}
+    step = editor.backward_step
+
+    def nan_on_second_batch(*a, **k):
+        calls["n"] += 1
+        return float("nan") if calls["n"] > 2 else step(*a, **k)
+
+    editor.backward_step = nan_on_second_batch
+    try:
+        with pytest.raises(FloatingPointError, match="diverged"):
+            editor.edit(REQUESTS[:2], mode="sequential", batch_size=1, evaluate=False, checkpoint_dir=str(tmp_path))
+        saved = {k: v.clone() for k, v in editor.handle.bypass.bypass_parameters().items()}
+    finally:
+        editor.handle.remove()
+    import json
+
+    assert json.load(open(tmp_path / "memoe.json"))["batches_done"] == 1
+    from safetensors.torch import load_file
+
+    on_disk = load_file(os.path.join(tmp_path, "bypass.safetensors"))
+    # The failed step was never applied: what is in memory equals the last good state on disk.
+    for name, t in on_disk.items():
+        torch.testing.assert_close(saved[name], t, rtol=0, atol=0, msg=name)
