@@ -52,6 +52,9 @@ class MEMoEConfig:
     negatives: int = 0
     negative_tokens: int = 4
     negative_weight: float = 1.0
+    # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when
+    # it has one), the reply starting with the target: chat models are asked that way.
+    chat_augment: bool = False
     # Edits per optimiser update: 0 trains all edits of a batch in one accumulated update per step; N > 0
     # splits them into groups of N, one update each, and a step is then one pass over the groups.
     update_batch: int = 0

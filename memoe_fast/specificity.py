@@ -42,13 +42,47 @@ EVAL_TEMPLATES = (
 )
 
 
+def fill(template: str, subject: str) -> str:
+    return template.replace("{s}", subject)
+
+
 def subject_prompts(subject: str, templates, count: int, offset: int = 0) -> list[str]:
     """``count`` prompts about ``subject`` from ``templates``, starting at ``offset`` (rotating, so that a
     set of edits covers every template)."""
     if not subject or count <= 0:
         return []
     n = len(templates)
-    return [templates[(offset + j) % n].format(s=subject) for j in range(min(count, n))]
+    return [fill(templates[(offset + j) % n], subject) for j in range(min(count, n))]
+
+
+def relation_template(prompt: str, subject: str | None) -> str | None:
+    """An edit prompt with its subject replaced by ``{s}`` (None when the subject is not in it): the
+    relation it asks, ready to be asked of another subject."""
+    if not subject or subject not in prompt or "{s}" in prompt:
+        return None
+    return prompt.replace(subject, "{s}", 1)
+
+
+def negative_prompts(requests, count: int, seed: int = 0) -> list[tuple[int, str]]:
+    """``(edit index, prompt)`` same-subject negatives: for each edit, ``count`` prompts about its subject
+    that ask something else, half from :data:`TRAIN_TEMPLATES` and half from the *other* edits' relations
+    (their prompts with this subject put in), so that the experts learn to answer the edited relation
+    only and not every question about the subject."""
+    import random
+
+    rng = random.Random(seed)
+    own = [relation_template(r.prompt, r.subject) for r in requests]
+    pool = sorted({t for t in own if t is not None})
+    out = []
+    for i, r in enumerate(requests):
+        if not r.subject or count <= 0:
+            continue
+        generic = subject_prompts(r.subject, TRAIN_TEMPLATES, count - count // 2, offset=i * count)
+        others = [t for t in pool if t != own[i]]
+        picked = rng.sample(others, min(count // 2, len(others)))
+        prompts = generic + [fill(t, r.subject) for t in picked]
+        out.extend((i, p) for p in dict.fromkeys(prompts))
+    return out
 
 
 def drop_same_relation(continuation: str, answers) -> bool:

@@ -129,17 +129,14 @@ class MEMoEEditor:
         """Same-subject negatives of ``requests`` (``config.negatives`` each): prompts about the edited
         subject's other relations (:data:`~memoe_fast.specificity.TRAIN_TEMPLATES`), the unedited model's
         greedy continuation as the target slots, and its top tokens and log-probabilities there."""
-        from ..specificity import TRAIN_TEMPLATES, drop_same_relation, subject_prompts
+        from ..specificity import drop_same_relation, negative_prompts
 
-        k = self.config.negatives
-        if k <= 0:
+        if self.config.negatives <= 0:
             return []
-        prompts, owner = [], []
-        for i, r in enumerate(requests):
-            for p in subject_prompts(r.subject, TRAIN_TEMPLATES, k, offset=i * k):
-                prompts.append(p), owner.append(i)
-        if not prompts:
+        pairs = negative_prompts(requests, self.config.negatives, self.config.seed)
+        if not pairs:
             return []
+        owner, prompts = (list(t) for t in zip(*pairs))
         with self.handle.disabled():
             conts = greedy_continuations(self.model, self.tokenizer, prompts, self.config.negative_tokens,
                                          self.eval_batch_size)
@@ -178,22 +175,44 @@ class MEMoEEditor:
         for group in groups:
             edits = [requests[i] for i in group]
             negs = [g for i in group for g in by_owner.get(i, [])]
-            pairs = [encode_pair(self.tokenizer, r.prompt, r.target) for r in edits] + [g["pair"] for g in negs]
+            prompts = [r.prompt for r in edits]
+            subjects = [r.subject for r in edits]
+            pairs = [encode_pair(self.tokenizer, r.prompt, r.target) for r in edits]
+            for text, subject, pair in self._chat_pairs(edits):
+                prompts.append(text), subjects.append(subject), pairs.append(pair)
+            n_pos = len(pairs)
+            pairs += [g["pair"] for g in negs]
             batch = collate(pairs, self.tokenizer.pad_token_id)
             if negs:
                 b, tt = batch.target_ids.shape
                 negative = torch.zeros(b, dtype=torch.bool)
-                negative[len(edits):] = True
+                negative[n_pos:] = True
                 ref_ids = torch.zeros(b, tt, REF_TOPK, dtype=torch.long)
                 ref_logp = torch.zeros(b, tt, REF_TOPK)
-                for row, g in enumerate(negs, start=len(edits)):
+                for row, g in enumerate(negs, start=n_pos):
                     t = g["ref_ids"].shape[0]
                     ref_ids[row, :t], ref_logp[row, :t] = g["ref_ids"], g["ref_logp"]
                 batch = Batch(batch.input_ids, batch.attention_mask, batch.pred_pos, batch.target_ids,
                               batch.target_mask, negative, ref_ids, ref_logp)
-            prompts = [r.prompt for r in edits] + [g["prompt"] for g in negs]
-            subjects = [r.subject for r in edits] + [g["subject"] for g in negs]
+            prompts += [g["prompt"] for g in negs]
+            subjects += [g["subject"] for g in negs]
             out.append((batch.to(self.device), prompts, subjects))
+        return out
+
+    def _chat_pairs(self, requests) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
+        """``(text, subject, (prompt ids, target ids))`` of the question-shaped edits asked as a user turn
+        in the chat template (``config.chat_augment``); the reply is the target."""
+        tok = self.tokenizer
+        if not self.config.chat_augment or not getattr(tok, "chat_template", None):
+            return []
+        out = []
+        for r in requests:
+            if not r.prompt.rstrip().endswith("?"):
+                continue
+            text = tok.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            out.append((text, r.subject, (tok(text, add_special_tokens=False)["input_ids"],
+                                          tok(r.target, add_special_tokens=False)["input_ids"])))
         return out
 
     def train(self, requests, desc: str = "editing", owner: int = -1) -> list[float]:
