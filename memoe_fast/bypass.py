@@ -3,19 +3,33 @@
 ``out = host(x) + λ·s·Σ_{e∈topk} g_e·expert_e(x)``, where ``s`` is 1 for sequences in the edit scope
 (or always, with ``anchor_scope`` off) and the gate reads ``concat(x, anchor)``.
 
-Anchors are per sequence: set them with :meth:`MEMoEBypass.set_anchors` (a ``(B, D)`` tensor and an
-optional ``(B,)`` scope mask) before a forward over a ``(B, L, D)`` input. :class:`~memoe_fast.integration.MEMoEHandle`
-does this for you from the input text, including decode steps with a KV cache.
+Anchors are per sequence, a ``(B, A)`` tensor and an optional ``(B,)`` scope mask for a ``(B, L, D)``
+input: pass them to ``forward(x, anchors, scope)``, or set them with :meth:`MEMoEBypass.set_anchors`
+for the next forward (consumed by it, unless pinned, so they can never go stale).
+:class:`~memoe_fast.integration.MEMoEHandle` sets them from the input text, including decode steps with
+a KV cache, and never overwrites anchors the caller set.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .config import MEMoEConfig
 from .ops import load_balance_loss, moe_bypass
+
+
+@dataclass
+class AnchorSet:
+    """Anchors for one forward (or every forward, when ``pinned``): ``vectors`` (S, A), ``scope`` (S,)
+    bool on the CPU or None (every sequence in scope), ``token_seq`` (N,) for packed inputs or None."""
+
+    vectors: torch.Tensor
+    scope: torch.Tensor | None = None
+    token_seq: torch.Tensor | None = None
+    pinned: bool = False
 
 
 def _float_weight(linear: nn.Module) -> torch.Tensor:
@@ -131,20 +145,57 @@ class MEMoEBypass(nn.Module):
             p.requires_grad_(False)
         self.enabled = True
         self.impl = config.impl
-        self._anchor: torch.Tensor | None = None
-        self._scope: torch.Tensor | None = None
-        self._token_seq: torch.Tensor | None = None
+        self._pending: AnchorSet | None = None
+        self.last_anchors: AnchorSet | None = None  # what the last forward with the experts on used
         self.last_aux_loss: torch.Tensor | None = None
         self.last_experts: torch.Tensor | None = None
 
     def set_anchors(self, anchors: torch.Tensor | None, scope: torch.Tensor | None = None,
-                    token_seq: torch.Tensor | None = None) -> None:
-        """Anchors ``(S, A)`` for the next forwards, an optional bool scope ``(S,)``, and for packed inputs
+                    token_seq: torch.Tensor | None = None, *, pin: bool = False) -> None:
+        """Anchors ``(S, A)`` for the next forward, an optional bool scope ``(S,)``, and for packed inputs
         (several sequences in one row, no padding) the sequence of every token ``(N,)`` (CPU int64).
-        Without ``token_seq`` the input is ``(S, L, D)``: sequence ``s`` is row ``s``."""
-        self._anchor = anchors
-        self._scope = None if scope is None else scope.to("cpu", torch.bool)
-        self._token_seq = None if token_seq is None else token_seq.to("cpu", torch.long)
+        Without ``token_seq`` the input is ``(S, L, D)``: sequence ``s`` is row ``s``.
+
+        Anchors set here are used by exactly one forward and then dropped, so anchors meant for one
+        batch can never be reused for a later batch of the same size. ``pin=True`` keeps them for every
+        forward until :meth:`clear_anchors` or the next ``set_anchors`` (the handle's ``anchored`` block
+        pins). ``anchors=None`` clears them.
+        """
+        if anchors is None:
+            self._pending = None
+            return
+        if anchors.dim() != 2:
+            raise ValueError(f"anchors must be (sequences, anchor_dim), got shape {tuple(anchors.shape)}")
+        if anchors.shape[1] != self.anchor_dim:
+            raise ValueError(f"anchors have width {anchors.shape[1]}, the gate expects anchor_dim={self.anchor_dim}")
+        if scope is not None and scope.shape != (anchors.shape[0],):
+            raise ValueError(f"scope must have shape ({anchors.shape[0]},), got {tuple(scope.shape)}")
+        self._pending = AnchorSet(
+            anchors, None if scope is None else scope.to("cpu", torch.bool),
+            None if token_seq is None else token_seq.to("cpu", torch.long), pin)
+
+    def clear_anchors(self) -> None:
+        """Forget the anchors set for the next forward(s)."""
+        self._pending = None
+
+    @property
+    def pending_anchors(self) -> "AnchorSet | None":
+        """The anchors the next forward will use (None: it needs explicit ones)."""
+        return self._pending
+
+    def _take_anchors(self, anchors, scope, token_seq) -> "AnchorSet | None":
+        """The anchors of this forward: explicit arguments first, else the set ones (consumed unless pinned)."""
+        if anchors is not None:
+            if anchors.dim() != 2 or anchors.shape[1] != self.anchor_dim:
+                raise ValueError(f"anchors must have shape (sequences, {self.anchor_dim}), got {tuple(anchors.shape)}")
+            return AnchorSet(anchors, None if scope is None else scope.to("cpu", torch.bool),
+                             None if token_seq is None else token_seq.to("cpu", torch.long), False)
+        if scope is not None or token_seq is not None:
+            raise ValueError("scope and token_seq go with explicit anchors: pass anchors= as well")
+        found = self._pending
+        if found is not None and not found.pinned:
+            self._pending = None
+        return found
 
     @property
     def gate_learns(self) -> bool:
@@ -160,36 +211,49 @@ class MEMoEBypass(nn.Module):
         names = ("w_gate", "w1", "w3", "w2", "b1", "b2")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_to(x, self.base_layer(x))
+    def forward(self, x: torch.Tensor, anchors: torch.Tensor | None = None, scope: torch.Tensor | None = None,
+                token_seq: torch.Tensor | None = None) -> torch.Tensor:
+        """Host output plus the experts' for ``x`` ``(B, L, D)`` (or ``(N, D)`` packed with ``token_seq``).
 
-    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        ``anchors`` ``(B, A)``: one per sequence; when None, the ones given to :meth:`set_anchors`
+        (consumed by this forward unless pinned). ``scope`` ``(B,)`` bool: which sequences the
+        experts see when ``config.anchor_scope`` is on (None: all)."""
+        return self.add_to(x, self.base_layer(x), anchors=anchors, scope=scope, token_seq=token_seq)
+
+    def add_to(self, x: torch.Tensor, out: torch.Tensor, anchors: torch.Tensor | None = None,
+               scope: torch.Tensor | None = None, token_seq: torch.Tensor | None = None) -> torch.Tensor:
         """``out`` plus the bypass's output for the host input ``x`` (``forward(x) = add_to(x, host(x))``).
 
         ``out`` may be any tensor of the host output's shape that the bypass adds into: the fast editor
         passes the edited block's cached output, which is the host output plus terms that do not
-        depend on it. ``out`` is never modified in place."""
+        depend on it. ``out`` is never modified in place. Anchors as in :meth:`forward`."""
         self.last_aux_loss = None
+        given = self._take_anchors(anchors, scope, token_seq)  # consumed even when disabled: never stale
         if not self.enabled:
             return out
-        if self._anchor is None:
+        if given is None:
             raise RuntimeError(
-                "MEMoEBypass has no anchors for this input: call set_anchors(...) or use the handle from "
-                "apply_memoe(), which computes them from the input text"
+                "MEMoEBypass has no anchors for this input: pass anchors= to forward, call set_anchors(...) "
+                "before this forward (anchors set there serve one forward unless pinned), or call "
+                "apply_memoe() with a tokenizer (anchor_mode='auto'), which computes them from the input text"
             )
         hidden = x.shape[-1]
         n_tok = x.numel() // hidden
-        token_seq = self._token_seq
+        token_seq = given.token_seq
         if token_seq is None:
             batch = x.shape[0] if x.dim() > 2 else 1
-            if self._anchor.shape[0] != batch:
-                raise RuntimeError(f"anchors were set for {self._anchor.shape[0]} sequences but the input has {batch}")
+            if given.vectors.shape[0] != batch:
+                raise RuntimeError(f"anchors were given for {given.vectors.shape[0]} sequences but the input has {batch}")
             token_seq = torch.arange(batch).repeat_interleave(n_tok // batch)
         elif token_seq.numel() != n_tok:
             raise RuntimeError(f"token_seq has {token_seq.numel()} entries but the input has {n_tok} tokens")
+        elif n_tok and int(token_seq.max()) >= given.vectors.shape[0]:
+            raise RuntimeError(f"token_seq names sequence {int(token_seq.max())} but anchors were given for "
+                               f"{given.vectors.shape[0]} sequences")
+        self.last_anchors = given
         sel = None
-        if self.config.anchor_scope and self._scope is not None:
-            tok_scope = self._scope[token_seq]
+        if self.config.anchor_scope and given.scope is not None:
+            tok_scope = given.scope[token_seq]
             if not bool(tok_scope.any()):
                 return out  # no sequence is about an edited entity: the experts have nothing to add
             if not bool(tok_scope.all()):
@@ -199,7 +263,7 @@ class MEMoEBypass(nn.Module):
         if sel is not None:
             flat_x, seq_idx = flat_x.index_select(0, sel), seq_idx.index_select(0, sel)
         host_rows = flat_out if sel is None else flat_out.index_select(0, sel)
-        anchor = self._anchor.to(device=x.device, dtype=self.w1.dtype)
+        anchor = given.vectors.to(device=x.device, dtype=self.w1.dtype)
         tokens = flat_x.to(self.w1.dtype)
         noise = None
         if self.training and self.config.gate_noise > 0:

@@ -37,25 +37,47 @@ def resolve_layer(model: nn.Module, layer: int | None) -> int:
     return idx
 
 
+ANCHOR_MODES = ("auto", "manual")
+
+
+def resolve_anchor_mode(anchor_mode: str | None, has_tokenizer: bool) -> str:
+    if anchor_mode is None:
+        return "auto" if has_tokenizer else "manual"
+    if anchor_mode not in ANCHOR_MODES:
+        raise ValueError(f"anchor_mode must be one of {ANCHOR_MODES}, got {anchor_mode!r}")
+    if anchor_mode == "auto" and not has_tokenizer:
+        raise ValueError("anchor_mode='auto' computes anchors from text and needs tokenizer=; "
+                         "without one use anchor_mode='manual' and give anchors yourself")
+    return anchor_mode
+
+
 class MEMoEHandle:
     """What :func:`apply_memoe` returns: the bypass, its anchors, and the way back.
 
-    Anchors are set automatically from ``input_ids`` on every forward of the model that starts a new
-    sequence (no KV cache yet): the ids are decoded to text and turned into anchors by the
-    :class:`AnchorBank`. Decode steps with a KV cache keep the anchors of their prompt. To give anchors
-    yourself (e.g. for teacher-forced scoring of ``prompt + target``, where only the prompt should
-    decide the routing), use ``with handle.anchored(texts, subjects): model(...)``.
+    Anchors, by ``anchor_mode``:
+
+    - ``"auto"`` (the default with a tokenizer): a forward of the model that starts new sequences (no
+      KV cache yet) gets anchors computed from its ``input_ids`` (decoded to text, turned into
+      anchors by the :class:`AnchorBank`), unless the caller gave some.
+    - ``"manual"`` (the default without a tokenizer): anchors come only from the caller.
+
+    In both modes, anchors the caller gave always win and are never overwritten:
+    ``bypass.set_anchors(t)`` before ``model(...)`` (used by that one forward), or
+    ``with handle.anchored(texts, subjects)`` / ``handle.anchored(anchors=...)`` (every forward in the
+    block, e.g. teacher-forced scoring of ``prompt + target`` where only the prompt should decide the
+    routing). Decode steps with a KV cache reuse the anchors of their prompt's forward. A forward
+    without anchors, or with anchors for a different number of sequences, raises.
     """
 
     def __init__(self, model: nn.Module, config: MEMoEConfig, layer: int, bypass: MEMoEBypass,
-                 original: nn.Module, bank: AnchorBank | None):
+                 original: nn.Module, bank: AnchorBank | None, anchor_mode: str | None = None):
         self.model = model
         self.config = config
         self.layer = layer
         self.bypass = bypass
         self.original = original
         self.bank = bank
-        self._pinned = 0
+        self.anchor_mode = resolve_anchor_mode(anchor_mode, bank is not None)
         self._hook = model.register_forward_pre_hook(self._auto_anchor, with_kwargs=True)
         self.removed = False
 
@@ -67,26 +89,31 @@ class MEMoEHandle:
         return self.bank(texts, subjects)
 
     def set_anchors(self, texts: list[str], subjects: list[str | None] | None = None) -> Anchors:
+        """Anchors from text for the next forward (one forward; see :meth:`MEMoEBypass.set_anchors`)."""
         anchors = self.compute_anchors(texts, subjects)
         self.bypass.set_anchors(anchors.vectors, anchors.scope)
         return anchors
 
     @contextlib.contextmanager
-    def anchored(self, texts: list[str] | None = None, subjects=None, anchors: Anchors | None = None,
-                 token_seq=None):
-        """Fix the anchors for the forwards inside the block (from texts, or precomputed ``anchors``);
-        ``token_seq`` for packed inputs (see :meth:`MEMoEBypass.set_anchors`)."""
-        anchors = anchors if anchors is not None else self.compute_anchors(texts, subjects)
-        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq)
-        self._pinned += 1
+    def anchored(self, texts: list[str] | None = None, subjects=None, anchors: Anchors | torch.Tensor | None = None,
+                 token_seq=None, scope: torch.Tensor | None = None):
+        """Pin the anchors for every forward inside the block (from texts, precomputed ``anchors``, or a
+        ``(S, A)`` tensor with an optional ``scope``); ``token_seq`` for packed inputs (see
+        :meth:`MEMoEBypass.set_anchors`). The anchors set before the block come back after it."""
+        if anchors is None:
+            anchors = self.compute_anchors(texts, subjects)
+        elif isinstance(anchors, torch.Tensor):
+            anchors = Anchors(anchors, scope, [[] for _ in range(anchors.shape[0])])
+        before = self.bypass.pending_anchors
+        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq, pin=True)
         try:
             yield anchors
         finally:
-            self._pinned -= 1
+            self.bypass._pending = before
 
     def _auto_anchor(self, module, args, kwargs):
-        if self._pinned or not self.bypass.enabled:
-            return None
+        if self.bypass.pending_anchors is not None:
+            return None  # the caller's anchors: never overwritten
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers v4 / v5 names
         past = 0
@@ -96,9 +123,13 @@ class MEMoEHandle:
         if input_ids is not None and mask is not None and mask.shape[-1] != input_ids.shape[-1]:
             past = max(past, mask.shape[-1] - input_ids.shape[-1])
         if past > 0:
-            anchor = self.bypass._anchor
-            if anchor is None or input_ids is None or anchor.shape[0] != input_ids.shape[0]:
+            last = self.bypass.last_anchors
+            batch = input_ids.shape[0] if input_ids is not None else None
+            if last is None or last.token_seq is not None or (batch is not None and last.vectors.shape[0] != batch):
                 raise RuntimeError("decode step without the anchors of its prompt: start generation from the prompt")
+            self.bypass.set_anchors(last.vectors, last.scope)
+            return None
+        if self.anchor_mode == "manual" or not self.bypass.enabled:
             return None
         if input_ids is None:
             raise RuntimeError("MEMoE needs the input text for its anchors: call the model with input_ids, "
@@ -106,7 +137,7 @@ class MEMoEHandle:
         texts = []
         for i in range(input_ids.shape[0]):
             ids = input_ids[i] if mask is None else input_ids[i][mask[i].bool()]
-            texts.append(self.bank.tokenizer.decode(ids.tolist(), skip_special_tokens=True) if self.bank else "")
+            texts.append(self.bank.tokenizer.decode(ids.tolist(), skip_special_tokens=True))
         self.set_anchors(texts)
         return None
 
@@ -193,7 +224,8 @@ def read_edit_meta(path: str) -> dict:
     return meta
 
 
-def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=None, nlp=None) -> MEMoEHandle:
+def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=None, nlp=None,
+                anchor_mode: str | None = None) -> MEMoEHandle:
     """Wrap the MLP of block ``config.layer`` with a :class:`MEMoEBypass`; freeze everything else.
 
     Args:
@@ -201,6 +233,8 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
         config: :class:`MEMoEConfig` (defaults when None).
         tokenizer: the model's tokenizer, needed to compute anchors from text.
         nlp: an optional spaCy pipeline (the small English model is loaded lazily otherwise).
+        anchor_mode: ``"auto"`` (anchors from the input text; needs ``tokenizer``) or ``"manual"``
+            (only the caller's anchors); None picks ``"auto"`` when a tokenizer is given.
 
     Returns:
         a :class:`MEMoEHandle`; ``handle.remove()`` puts the original MLP back.
@@ -212,6 +246,7 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
         handle.remove()
     """
     config = config or MEMoEConfig()
+    anchor_mode = resolve_anchor_mode(anchor_mode, tokenizer is not None)
     for p in model.parameters():
         p.requires_grad_(False)
     layer = resolve_layer(model, config.layer)
@@ -226,4 +261,4 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
     bank = None
     if tokenizer is not None:
         bank = AnchorBank(tokenizer, embedding, config.anchor_pooling, config.scope_threshold, nlp=nlp)
-    return MEMoEHandle(model, config, layer, bypass, original, bank)
+    return MEMoEHandle(model, config, layer, bypass, original, bank, anchor_mode)
