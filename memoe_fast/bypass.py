@@ -11,6 +11,8 @@ a KV cache, and never overwrites anchors the caller set.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -67,18 +69,25 @@ def _float_bias(module: nn.Module) -> torch.Tensor | None:
     return None if b is None else b.detach().float()
 
 
+GLU_ACTIVATIONS = ("silu_glu",)
+TWO_LAYER_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
 def describe_host(mlp: nn.Module) -> dict:
-    """Recognise the host MLP: LLaMA-style gated SiLU or GPT-2-style GELU with Conv1D."""
+    """Recognise the host MLP: LLaMA-style gated SiLU (``gate_proj``/``up_proj``/``down_proj``, with or
+    without biases) or GPT-2-style (``c_fc``/``c_proj``, Conv1D). ``first`` is the projection that a
+    2-layer expert's ``up_proj`` copies, ``gate`` / ``up`` the two GLU projections (None for GPT-2)."""
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
         act = getattr(getattr(mlp, "config", None), "hidden_act", None) or type(getattr(mlp, "act_fn", None)).__name__
         if str(act).lower() not in ("silu", "siluactivation", "swish"):
             raise TypeError(f"gated MLP with activation {act!r} is not supported (only SiLU)")
-        return {"kind": "llama", "activation": "silu_glu",
-                "w1": mlp.gate_proj, "w3": mlp.up_proj, "w2": mlp.down_proj}
+        return {"kind": "llama", "activation": "silu_glu", "gate": mlp.gate_proj, "up": mlp.up_proj,
+                "first": mlp.up_proj, "down": mlp.down_proj}
     if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):
         act = type(getattr(mlp, "act", None)).__name__
         activation = "gelu" if act == "GELUActivation" else "gelu_tanh"
-        return {"kind": "gpt2", "activation": activation, "w1": mlp.c_fc, "w3": None, "w2": mlp.c_proj}
+        return {"kind": "gpt2", "activation": activation, "gate": None, "up": None, "first": mlp.c_fc,
+                "down": mlp.c_proj}
     raise TypeError(
         f"unsupported MLP {type(mlp).__name__}: expected LLaMA-style gate_proj/up_proj/down_proj "
         "or GPT-2-style c_fc/c_proj"
@@ -88,6 +97,12 @@ def describe_host(mlp: nn.Module) -> dict:
 class MEMoEBypass(nn.Module):
     """Wraps ``base_layer`` (the host MLP, kept untouched and frozen) with a trainable bypass MoE.
 
+    Parameters (``E`` experts, ``D`` hidden, ``F`` expert width, ``A`` anchor width):
+    ``w_gate`` (E, D + A) fp32 gate over ``concat(x, anchor)``, ``b_gate`` (E,) with ``gate_bias``;
+    SiLU-GLU experts: ``w1`` gate_proj, ``w3`` up_proj (E, F, D), ``b1`` / ``b3`` their biases (E, F);
+    2-layer experts (gelu, gelu_tanh, relu): ``w1`` up_proj (E, F, D), ``b1`` (E, F), no ``w3``;
+    ``w2`` down_proj (E, D, F), ``b2`` (E, D). Biases exist where the host has them.
+
     Args:
         base_layer: the host MLP module.
         config: :class:`MEMoEConfig`.
@@ -96,8 +111,7 @@ class MEMoEBypass(nn.Module):
     Example::
 
         bypass = MEMoEBypass(model.model.layers[15].mlp, MEMoEConfig())
-        bypass.set_anchors(torch.randn(2, 576))
-        y = bypass(torch.randn(2, 7, 576))      # equals the host MLP's output at initialisation
+        y = bypass(torch.randn(2, 7, 576), anchors=torch.randn(2, 576))  # the host's output at initialisation
     """
 
     def __init__(self, base_layer: nn.Module, config: MEMoEConfig, anchor_dim: int | None = None):
@@ -105,9 +119,15 @@ class MEMoEBypass(nn.Module):
         self.base_layer = base_layer
         self.config = config
         host = describe_host(base_layer)
-        self.activation = host["activation"]
-        w1 = _float_weight(host["w1"])  # (F, D)
-        ffn, hidden = w1.shape
+        act = getattr(config, "expert_activation", "host")
+        self.activation = host["activation"] if act == "host" else act
+        glu = self.activation in GLU_ACTIVATIONS
+        first = _float_weight(host["first"])  # (F, D)
+        host_ffn, hidden = first.shape
+        ffn = config.expert_ffn or host_ffn
+        if ffn != host_ffn and config.expert_init == "copy_zero_down":
+            raise ValueError(f"expert_ffn={ffn} differs from the host's width {host_ffn}: the experts cannot copy the "
+                             "host; use expert_init='random_zero_down'")
         self.hidden_size, self.ffn_size = hidden, ffn
         self.anchor_dim = anchor_dim or hidden
         ref = next(base_layer.parameters())
@@ -119,28 +139,36 @@ class MEMoEBypass(nn.Module):
         E = config.num_experts
         gen = torch.Generator().manual_seed(config.seed)
 
-        def stack(t: torch.Tensor) -> nn.Parameter:
+        def stack(t: torch.Tensor | None) -> nn.Parameter | None:
+            if t is None:
+                return None
             return nn.Parameter(t.unsqueeze(0).repeat(E, *([1] * t.dim())).to(device=device, dtype=dtype).contiguous())
 
-        if config.expert_init == "copy_zero_down":
-            self.w1 = stack(w1)
-            self.w3 = stack(_float_weight(host["w3"])) if host["w3"] is not None else None
-        else:
+        def rand(*shape) -> nn.Parameter:
             bound = 1.0 / math.sqrt(hidden)
-            self.w1 = nn.Parameter((torch.rand(E, ffn, hidden, generator=gen) * 2 - 1).mul_(bound).to(device, dtype))
-            self.w3 = (nn.Parameter((torch.rand(E, ffn, hidden, generator=gen) * 2 - 1).mul_(bound).to(device, dtype))
-                       if host["w3"] is not None else None)
+            return nn.Parameter((torch.rand(E, *shape, generator=gen) * 2 - 1).mul_(bound).to(device, dtype))
+
+        # Experts start as copies of the host's projections (GLU experts on a 2-layer host copy its first
+        # projection twice; 2-layer experts on a GLU host copy up_proj).
+        gate_src = host["gate"] or host["first"]
+        up_src = host["up"] or host["first"]
+        w1_src, b1_src = (gate_src, gate_src) if glu else (up_src, up_src)
+        copy = config.expert_init == "copy_zero_down"
+        self.w1 = stack(_float_weight(w1_src)) if copy else rand(ffn, hidden)
+        self.w3 = (stack(_float_weight(up_src)) if copy else rand(ffn, hidden)) if glu else None
+        b1, b3 = _float_bias(b1_src), _float_bias(up_src) if glu else None
+        self.b1 = stack(b1 if copy else None if b1 is None else torch.zeros_like(b1))
+        self.b3 = stack(b3 if copy else None if b3 is None else torch.zeros_like(b3))
         # Down-projections start at zero: the edited model equals the base model at initialisation.
         self.w2 = nn.Parameter(torch.zeros(E, hidden, ffn, device=device, dtype=dtype))
-        b1 = _float_bias(host["w1"])
-        self.b1 = stack(b1) if b1 is not None and config.expert_init == "copy_zero_down" else (
-            nn.Parameter(torch.zeros(E, ffn, device=device, dtype=dtype)) if b1 is not None else None)
-        self.b2 = nn.Parameter(torch.zeros(E, hidden, device=device, dtype=dtype)) if _float_bias(host["w2"]) is not None else None
+        self.b2 = nn.Parameter(torch.zeros(E, hidden, device=device, dtype=dtype)) if _float_bias(host["down"]) is not None else None
         # Gate over concat(x, anchor). The token half starts at zero, so routing starts as a function of
         # the anchor alone: inputs about one entity begin on one expert.
         w_gate = torch.zeros(E, hidden + self.anchor_dim)
         w_gate[:, hidden:] = torch.randn(E, self.anchor_dim, generator=gen) / math.sqrt(self.anchor_dim)
         self.w_gate = nn.Parameter(w_gate.to(device=device, dtype=torch.float32))
+        self.b_gate = (nn.Parameter(torch.zeros(E, device=device, dtype=torch.float32))
+                       if getattr(config, "gate_bias", False) else None)
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.enabled = True
@@ -149,6 +177,7 @@ class MEMoEBypass(nn.Module):
         self.last_anchors: AnchorSet | None = None  # what the last forward with the experts on used
         self.last_aux_loss: torch.Tensor | None = None
         self.last_experts: torch.Tensor | None = None
+        self.__dict__["_foreign"] = None  # set by from_modules; a plain attribute, outside the state dict
 
     def set_anchors(self, anchors: torch.Tensor | None, scope: torch.Tensor | None = None,
                     token_seq: torch.Tensor | None = None, *, pin: bool = False) -> None:
@@ -208,8 +237,17 @@ class MEMoEBypass(nn.Module):
         return [p for n, p in self.bypass_parameters().items() if n != "w_gate" or self.gate_learns]
 
     def bypass_parameters(self) -> dict[str, torch.Tensor]:
-        names = ("w_gate", "w1", "w3", "w2", "b1", "b2")
+        names = ("w_gate", "b_gate", "w1", "w3", "w2", "b1", "b3", "b2")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def op_weights(self) -> dict[str, torch.Tensor | None]:
+        """The parameters under the keyword names of :func:`memoe_fast.ops.moe_bypass`."""
+        glu = self.activation in GLU_ACTIVATIONS
+        return dict(
+            router_weight=self.w_gate, router_bias=self.b_gate,
+            gate_proj=self.w1 if glu else None, up_proj=self.w3 if glu else self.w1, down_proj=self.w2,
+            gate_bias=self.b1 if glu else None, up_bias=self.b3 if glu else self.b1, down_bias=self.b2,
+        )
 
     def forward(self, x: torch.Tensor, anchors: torch.Tensor | None = None, scope: torch.Tensor | None = None,
                 token_seq: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,7 +309,7 @@ class MEMoEBypass(nn.Module):
         # The kernels add the bypass into the host output in their epilogue when both share a dtype.
         fuse_host = out.dtype == self.w1.dtype
         y, probs, experts = moe_bypass(
-            tokens, anchor, seq_idx, self.w_gate, self.w1, self.w2, self.w3, self.b1, self.b2,
+            tokens, anchor, seq_idx, **self.op_weights(),
             token_scale=None if self.config.scale == 1.0 else torch.full((tokens.shape[0],), self.config.scale, device=x.device),
             noise=noise, top_k=self.config.top_k, renormalize=self.config.renormalize,
             activation=self.activation, host_out=host_rows if fuse_host else None, impl=self.impl,
@@ -285,3 +323,439 @@ class MEMoEBypass(nn.Module):
         if sel is None:
             return y.view(out.shape)
         return flat_out.index_copy(0, sel, y).view(out.shape)
+
+    # Porting from and to another MoE adapter's modules.
+    @classmethod
+    def from_modules(cls, host_mlp: nn.Module, *, gate: nn.Module, experts, config: MEMoEConfig | None = None,
+                     gate_input: str = "x_anchor", activation: str | None = None, layout: str | None = None,
+                     gate_name: str = "gate", experts_name: str = "experts") -> "MEMoEBypass":
+        """A bypass whose gate and experts are those of an existing MoE adapter (copied, bit for bit).
+
+        Args:
+            host_mlp: the frozen host MLP the experts are added to.
+            gate: an ``nn.Linear`` with ``E`` outputs over ``concat([x, anchor])`` (``gate_input="x_anchor"``)
+                or ``concat([anchor, x])`` (``"anchor_x"``), with or without bias; the anchor width is its
+                input width minus the host's hidden size.
+            experts: one of
+                - an ``nn.ModuleList`` of LLaMA-style experts (``gate_proj``/``up_proj``/``down_proj`` or
+                  Mixtral's ``w1``/``w3``/``w2``), or of 2-layer FFNs (``fc1``/``fc2``, ``c_fc``/``c_proj``,
+                  ``w1``/``w2``, ``up_proj``/``down_proj``, or ``nn.Sequential(Linear, act, Linear)``),
+                  ``nn.Linear`` or GPT-2 ``Conv1D`` projections, biases optional;
+                - stacked tensors, as a module (transformers' ``*Experts``) or a dict: ``gate_up_proj``
+                  (E, 2F, D) (gate rows first, as transformers stores it) or ``gate_proj`` + ``up_proj``
+                  (E, F, D), or only ``up_proj`` for 2-layer experts; ``down_proj`` (E, D, F); biases
+                  ``<name>_bias``. ``layout="in_out"`` reads (E, in, out) tensors instead (told apart
+                  from the shapes when None).
+            config: a :class:`MEMoEConfig` with ``num_experts == E`` (routing and training options);
+                None: defaults with ``num_experts=E``.
+            activation: the experts' activation; None: read from the expert modules (their
+                ``act_fn`` / ``act`` / activation child), ``"silu_glu"`` for stacked gate/up tensors.
+            gate_name, experts_name: the adapter's attribute names, used for :meth:`key_map`.
+
+        The adapter's layout is remembered: :meth:`to_modules` gives new modules in it,
+        :meth:`foreign_state_dict` a state dict under its names, and :meth:`load_state_dict` accepts one.
+
+        Example::
+
+            bypass = MEMoEBypass.from_modules(model.model.layers[8].mlp, gate=adapter.gate,
+                                              experts=adapter.experts, config=MEMoEConfig(num_experts=4))
+            y = bypass(x, anchors)            # adapter(x, anchors) + host(x)
+            gate, experts = bypass.to_modules()
+        """
+        if gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
+        if layout not in (None, "out_in", "in_out"):
+            raise ValueError(f"layout must be None, 'out_in' or 'in_out', got {layout!r}")
+        host = describe_host(host_mlp)
+        hidden = _float_weight(host["first"]).shape[1]
+        if not isinstance(gate, nn.Linear):
+            raise TypeError(f"gate must be an nn.Linear over the token state and the anchor, got {type(gate).__name__}")
+        n_exp, gate_in = gate.weight.shape
+        anchor_dim = gate_in - hidden
+        if anchor_dim <= 0:
+            raise ValueError(f"gate reads {gate_in} inputs; it must read the token state ({hidden}) plus an anchor")
+        spec = _ExpertSpec.read(experts, hidden, layout, activation, experts_name)
+        if spec.num_experts != n_exp:
+            raise ValueError(f"gate has {n_exp} outputs but there are {spec.num_experts} experts")
+        if config is None:
+            config = MEMoEConfig(num_experts=n_exp)
+        if config.num_experts != n_exp:
+            raise ValueError(f"config.num_experts={config.num_experts} but the adapter has {n_exp} experts")
+        # The config records what the weights are, so that apply_memoe(model, config) can load them back.
+        host_ffn = _float_weight(host["first"]).shape[0]
+        config = dataclasses.replace(
+            config, expert_activation=spec.activation, gate_bias=gate.bias is not None,
+            expert_dtype=str(spec.dtype).replace("torch.", ""), expert_ffn=None if spec.ffn == host_ffn else spec.ffn,
+            expert_init=config.expert_init if spec.ffn == host_ffn else "random_zero_down")
+        bypass = cls(host_mlp, config, anchor_dim=anchor_dim)
+        entries = spec.entries + _gate_entries(gate_name, gate, hidden, anchor_dim, gate_input)
+        shapes = {e.key: e.foreign_shape for e in entries}
+        dtypes = {e.key: e.foreign_dtype for e in entries}
+        ffn = spec.ffn
+        device = bypass.w_gate.device
+        with torch.no_grad():
+            for name, shape, dtype in (("w1", (n_exp, ffn, hidden), spec.dtype), ("w2", (n_exp, hidden, ffn), spec.dtype),
+                                       ("w3", (n_exp, ffn, hidden) if spec.glu else None, spec.dtype),
+                                       ("b1", (n_exp, ffn) if spec.has("b1") else None, spec.dtype),
+                                       ("b3", (n_exp, ffn) if spec.has("b3") else None, spec.dtype),
+                                       ("b2", (n_exp, hidden) if spec.has("b2") else None, spec.dtype)):
+                setattr(bypass, name, None if shape is None else nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        bypass.ffn_size = ffn
+        bypass.__dict__["_foreign"] = ForeignLayout(entries, shapes, dtypes, spec, gate, gate_input)
+        bypass.load_foreign_state_dict(_read_foreign(entries, gate_name, gate, spec.source))
+        return bypass
+
+    @property
+    def foreign_layout(self) -> "ForeignLayout | None":
+        return self._foreign
+
+    def key_map(self) -> list[dict]:
+        """How the adapter's state-dict keys map onto this module's parameters (after :meth:`from_modules`):
+        one row per piece, ``foreign[key][foreign_index] == param[param_index]`` (transposed where
+        ``transpose``), e.g. ``{"key": "experts.0.gate_proj.weight", "param": "w1", "param_index": "[0]"}``."""
+        return [e.describe() for e in self._layout().entries]
+
+    def _layout(self) -> "ForeignLayout":
+        if self._foreign is None:
+            raise RuntimeError("this bypass was not built with MEMoEBypass.from_modules: it has no foreign layout")
+        return self._foreign
+
+    def foreign_state_dict(self, values: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The bypass's weights under the adapter's names, shapes and dtypes (see :meth:`key_map`).
+
+        ``values``: other tensors shaped like the parameters, by parameter name (e.g. their gradients)
+        to lay out the same way; default the parameters themselves."""
+        layout = self._layout()
+        values = values if values is not None else self.bypass_parameters()
+        out = {k: torch.empty(s, dtype=layout.dtypes[k], device=self.w_gate.device) for k, s in layout.shapes.items()}
+        with torch.no_grad():
+            for e in layout.entries:
+                piece = values[e.param][e.param_index]
+                out[e.key][e.foreign_index] = (piece.transpose(-1, -2) if e.transpose else piece).to(out[e.key].dtype)
+        return out
+
+    def load_foreign_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state dict under the adapter's names (every key of :meth:`key_map`, no other)."""
+        layout = self._layout()
+        missing, unexpected = sorted(set(layout.shapes) - set(state)), sorted(set(state) - set(layout.shapes))
+        if missing or unexpected:
+            raise KeyError(f"foreign state dict: missing keys {missing}, unexpected keys {unexpected}")
+        for k, shape in layout.shapes.items():
+            if tuple(state[k].shape) != tuple(shape):
+                raise ValueError(f"foreign state dict: {k!r} has shape {tuple(state[k].shape)}, expected {tuple(shape)}")
+        with torch.no_grad():
+            for e in layout.entries:
+                piece = state[e.key][e.foreign_index]
+                piece = piece.transpose(-1, -2) if e.transpose else piece
+                target = getattr(self, e.param)
+                if tuple(target[e.param_index].shape) != tuple(piece.shape):
+                    raise ValueError(f"{e.key}{e.describe()['foreign_index']} has shape {tuple(piece.shape)} but "
+                                     f"{e.param}{e.describe()['param_index']} has {tuple(target[e.param_index].shape)}")
+                target[e.param_index] = piece.to(target.dtype)
+
+    def to_modules(self) -> tuple[nn.Linear, nn.Module | dict]:
+        """New ``(gate, experts)`` in the adapter's layout holding the bypass's current weights."""
+        layout = self._layout()
+        state = self.foreign_state_dict()
+        gate = copy.deepcopy(layout.gate)
+        gate_state = {k[len(layout.gate_prefix):]: v for k, v in state.items() if k.startswith(layout.gate_prefix)}
+        gate.load_state_dict(gate_state)
+        experts = layout.spec.export(state)
+        return gate, experts
+
+    def bypass_state_dict(self) -> dict[str, torch.Tensor]:
+        """The bypass's own tensors (no host weights), detached: what :meth:`MEMoEHandle.save` writes."""
+        return {k: v.detach() for k, v in self.bypass_parameters().items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A foreign checkpoint (the adapter's names, see key_map) is translated; a bypass-only one
+        # (no host keys) leaves the frozen host as it is.
+        layout = self._foreign
+        if layout is not None and any(prefix + k in state_dict for k in layout.shapes):
+            foreign = {k: state_dict.pop(prefix + k) for k in list(layout.shapes) if prefix + k in state_dict}
+            self.load_foreign_state_dict(foreign)
+            for name, p in self.bypass_parameters().items():
+                state_dict.setdefault(prefix + name, p.detach())
+        if not any(k.startswith(prefix + "base_layer.") for k in state_dict):
+            for k, v in self.base_layer.state_dict(prefix=prefix + "base_layer.", keep_vars=True).items():
+                state_dict[k] = v.detach() if isinstance(v, torch.Tensor) else v
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+GATE_INPUTS = ("x_anchor", "anchor_x")
+
+
+@dataclass
+class KeyMapEntry:
+    """``foreign[key][foreign_index]`` (transposed when ``transpose``) is ``param[param_index]``."""
+
+    key: str
+    foreign_index: tuple
+    param: str
+    param_index: tuple
+    transpose: bool
+    foreign_shape: tuple
+    foreign_dtype: torch.dtype
+
+    def describe(self) -> dict:
+        def idx(t):
+            return "[" + ", ".join(f"{s.start or ''}:{s.stop or ''}" if isinstance(s, slice) else str(s) for s in t) + "]"
+
+        return {"key": self.key, "foreign_index": idx(self.foreign_index), "param": self.param,
+                "param_index": idx(self.param_index), "transpose": self.transpose}
+
+
+@dataclass
+class ForeignLayout:
+    entries: list
+    shapes: dict
+    dtypes: dict
+    spec: "_ExpertSpec"
+    gate: nn.Linear
+    gate_input: str
+
+    @property
+    def gate_prefix(self) -> str:
+        return self.entries[-1].key.rsplit(".", 1)[0] + "."
+
+
+def _gate_entries(name: str, gate: nn.Linear, hidden: int, anchor_dim: int, order: str) -> list[KeyMapEntry]:
+    w = gate.weight
+    all_ = slice(None)
+    if order == "x_anchor":
+        entries = [KeyMapEntry(f"{name}.weight", (), "w_gate", (), False, tuple(w.shape), w.dtype)]
+    else:  # the adapter's columns are [anchor, x]; ours are [x, anchor]
+        entries = [
+            KeyMapEntry(f"{name}.weight", (all_, slice(anchor_dim, None)), "w_gate", (all_, slice(0, hidden)), False,
+                        tuple(w.shape), w.dtype),
+            KeyMapEntry(f"{name}.weight", (all_, slice(0, anchor_dim)), "w_gate", (all_, slice(hidden, None)), False,
+                        tuple(w.shape), w.dtype),
+        ]
+    if gate.bias is not None:
+        entries.insert(0, KeyMapEntry(f"{name}.bias", (), "b_gate", (), False, tuple(gate.bias.shape), gate.bias.dtype))
+    return entries
+
+
+def _read_foreign(entries, gate_name, gate, source) -> dict[str, torch.Tensor]:
+    state = {f"{gate_name}.{k}": v for k, v in gate.state_dict().items()}
+    state.update(source)
+    return {e.key: state[e.key] for e in entries}
+
+
+# Attribute names of one expert module: (gate, up, down) for GLU experts, (None, up, down) for 2-layer.
+_GLU_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+_TWO_LAYER_NAMES = (("fc1", "fc2"), ("c_fc", "c_proj"), ("w1", "w2"), ("up_proj", "down_proj"), ("0", "2"))
+
+
+def _activation_of(module: nn.Module) -> str | None:
+    """The activation of an expert module, from its ``act_fn`` / ``act`` / activation child."""
+    candidates = [getattr(module, n, None) for n in ("act_fn", "act", "activation", "activation_fn")]
+    candidates += [m for m in module.children() if not isinstance(m, (nn.Linear,)) and type(m).__name__ != "Conv1D"]
+    for act in candidates:
+        if act is None or not isinstance(act, nn.Module):
+            continue
+        kind = type(act).__name__
+        if isinstance(act, nn.SiLU) or kind == "SiLUActivation":
+            return "silu"
+        if isinstance(act, nn.ReLU):
+            return "relu"
+        if isinstance(act, nn.GELU):
+            return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+        if kind in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh", "FastGELUActivation"):
+            return "gelu_tanh"
+        if kind == "GELUActivation":
+            return "gelu"
+    return None
+
+
+def _linear_weight(mod: nn.Module) -> tuple[torch.Tensor, bool]:
+    """A projection's weight and whether it is stored (in, out) (GPT-2's Conv1D)."""
+    if isinstance(mod, nn.Linear):
+        return mod.weight, False
+    if type(mod).__name__ == "Conv1D":
+        return mod.weight, True
+    raise TypeError(f"expert projection must be nn.Linear or Conv1D, got {type(mod).__name__}")
+
+
+@dataclass
+class _ExpertSpec:
+    num_experts: int
+    ffn: int
+    glu: bool
+    activation: str
+    dtype: torch.dtype
+    entries: list
+    source: dict  # the adapter's expert tensors by key
+    template: object  # the adapter's experts (deep-copied on export) or the dict's keys
+    prefix: str
+    biases: set
+
+    def has(self, name: str) -> bool:
+        return name in self.biases
+
+    @classmethod
+    def read(cls, experts, hidden: int, layout: str | None, activation: str | None, name: str) -> "_ExpertSpec":
+        if isinstance(experts, (nn.ModuleList, list, tuple)) and len(experts) and all(isinstance(m, nn.Module) for m in experts):
+            return cls._from_list(nn.ModuleList(experts) if not isinstance(experts, nn.ModuleList) else experts,
+                                  hidden, activation, name)
+        if isinstance(experts, nn.Module):
+            tensors = {k: v for k, v in experts.named_parameters(recurse=False)}
+            tensors.update({k: v for k, v in experts.named_buffers(recurse=False)})
+            found = _activation_of(experts)
+            default = "silu_glu" if found in (None, "silu") else found
+            return cls._from_stacked(tensors, experts, hidden, layout, activation or default, name)
+        if isinstance(experts, dict):
+            return cls._from_stacked(dict(experts), None, hidden, layout, activation, name)
+        raise TypeError("experts must be an nn.ModuleList of expert modules, a module holding stacked expert "
+                        f"tensors, or a dict of stacked tensors; got {type(experts).__name__}")
+
+    @classmethod
+    def _from_list(cls, experts: nn.ModuleList, hidden, activation, name) -> "_ExpertSpec":
+        first = experts[0]
+        names = next((n for n in _GLU_NAMES if all(hasattr(first, a) for a in n)), None)
+        glu = names is not None
+        if not glu:
+            names = next((n for n in _TWO_LAYER_NAMES if all(hasattr(first, a) for a in n)), None)
+            if names is None:
+                raise TypeError(
+                    f"expert {type(first).__name__} has none of the known layouts: gate_proj/up_proj/down_proj, "
+                    "w1/w3/w2 (SiLU-GLU), fc1/fc2, c_fc/c_proj, w1/w2, up_proj/down_proj, Sequential(Linear, act, Linear)")
+            names = (None, *names)
+        found = _activation_of(first)
+        if activation is None:
+            if glu:
+                if found not in (None, "silu"):
+                    raise TypeError(f"gated experts with activation {found!r}: only SiLU-GLU is supported")
+                activation = "silu_glu"
+            elif found is None or found == "silu":
+                raise TypeError(f"cannot tell the activation of expert {type(first).__name__}: pass activation= "
+                                f"one of {TWO_LAYER_ACTIVATIONS}")
+            else:
+                activation = found
+        _check_activation(activation, glu)
+        entries, source, biases = [], {}, set()
+        dtype = None
+        ffn = None
+        for e, mod in enumerate(experts):
+            for attr, param, bias in zip(names, ("w1", "w3", "w2") if glu else (None, "w1", "w2"),
+                                         ("b1", "b3", "b2") if glu else (None, "b1", "b2")):
+                if attr is None:
+                    continue
+                proj = getattr(mod, attr, None)
+                if proj is None:
+                    raise TypeError(f"expert {e} has no {attr!r}")
+                w, transpose = _linear_weight(proj)
+                wt = w.t() if transpose else w
+                if dtype is None:
+                    dtype = w.dtype
+                if w.dtype != dtype:
+                    raise TypeError(f"expert {e}.{attr} has dtype {w.dtype}; every expert weight must be {dtype}")
+                if param == "w2":
+                    if wt.shape[0] != hidden:
+                        raise ValueError(f"expert {e}.{attr} outputs {wt.shape[0]} features, the host has hidden size {hidden}")
+                else:
+                    if wt.shape[1] != hidden:
+                        raise ValueError(f"expert {e}.{attr} reads {wt.shape[1]} features, the host has hidden size {hidden}")
+                    ffn = ffn or wt.shape[0]
+                key = f"{name}.{e}.{attr}.weight"
+                source[key] = w
+                entries.append(KeyMapEntry(key, (), param, (e,), transpose, tuple(w.shape), w.dtype))
+                b = getattr(proj, "bias", None)
+                if b is not None:
+                    if e > 0 and bias not in biases:
+                        raise TypeError(f"expert {e}.{attr} has a bias that expert 0 lacks")
+                    biases.add(bias)
+                    source[f"{name}.{e}.{attr}.bias"] = b
+                    entries.append(KeyMapEntry(f"{name}.{e}.{attr}.bias", (), bias, (e,), False, tuple(b.shape), b.dtype))
+                elif bias in biases:
+                    raise TypeError(f"expert {e}.{attr} has no bias but expert 0 has one")
+        return cls(len(experts), ffn, glu, activation, dtype, entries, source, experts, name, biases)
+
+    @classmethod
+    def _from_stacked(cls, tensors: dict, module, hidden, layout, activation, name) -> "_ExpertSpec":
+        glu = "gate_up_proj" in tensors or "gate_proj" in tensors
+        if "down_proj" not in tensors or not ("up_proj" in tensors or "gate_up_proj" in tensors):
+            raise TypeError(f"stacked experts need 'down_proj' and 'gate_up_proj', 'gate_proj'+'up_proj' or 'up_proj'; "
+                            f"got {sorted(tensors)}")
+        activation = activation or ("silu_glu" if glu else None)
+        if activation is None:
+            raise TypeError(f"pass activation= for stacked 2-layer experts, one of {TWO_LAYER_ACTIVATIONS}")
+        _check_activation(activation, glu)
+        down = tensors["down_proj"]
+        n_exp = down.shape[0]
+        if layout is None:
+            # (E, D, F) is out_in, (E, F, D) is in_out; equal sizes cannot be told apart.
+            if down.shape[1] == down.shape[2]:
+                raise ValueError("stacked experts with F == D: pass layout='out_in' or 'in_out'")
+            layout = "out_in" if down.shape[1] == hidden else "in_out"
+        tr = layout == "in_out"
+        ffn = down.shape[2] if not tr else down.shape[1]
+        all_ = slice(None)
+        entries, biases = [], set()
+        if "gate_up_proj" in tensors:
+            gu = tensors["gate_up_proj"]
+            rows = (all_, slice(0, ffn)) if not tr else (all_, all_, slice(0, ffn))
+            rows2 = (all_, slice(ffn, None)) if not tr else (all_, all_, slice(ffn, None))
+            entries += [KeyMapEntry(f"{name}.gate_up_proj", rows, "w1", (), tr, tuple(gu.shape), gu.dtype),
+                        KeyMapEntry(f"{name}.gate_up_proj", rows2, "w3", (), tr, tuple(gu.shape), gu.dtype)]
+            if "gate_up_proj_bias" in tensors:
+                b = tensors["gate_up_proj_bias"]
+                entries += [KeyMapEntry(f"{name}.gate_up_proj_bias", (all_, slice(0, ffn)), "b1", (), False, tuple(b.shape), b.dtype),
+                            KeyMapEntry(f"{name}.gate_up_proj_bias", (all_, slice(ffn, None)), "b3", (), False, tuple(b.shape), b.dtype)]
+                biases |= {"b1", "b3"}
+        else:
+            for attr, param, bias in ((("gate_proj", "w1", "b1"), ("up_proj", "w3", "b3")) if glu else (("up_proj", "w1", "b1"),)):
+                t = tensors[attr]
+                entries.append(KeyMapEntry(f"{name}.{attr}", (), param, (), tr, tuple(t.shape), t.dtype))
+                if f"{attr}_bias" in tensors:
+                    b = tensors[f"{attr}_bias"]
+                    entries.append(KeyMapEntry(f"{name}.{attr}_bias", (), bias, (), False, tuple(b.shape), b.dtype))
+                    biases.add(bias)
+        entries.append(KeyMapEntry(f"{name}.down_proj", (), "w2", (), tr, tuple(down.shape), down.dtype))
+        if "down_proj_bias" in tensors:
+            b = tensors["down_proj_bias"]
+            entries.append(KeyMapEntry(f"{name}.down_proj_bias", (), "b2", (), False, tuple(b.shape), b.dtype))
+            biases.add("b2")
+        expected_d = down.shape[1] if not tr else down.shape[2]
+        if expected_d != hidden:
+            raise ValueError(f"stacked experts: down_proj has shape {tuple(down.shape)}, which does not output the host's "
+                             f"hidden size {hidden} in layout {layout!r}")
+        used = {e.key[len(name) + 1:] for e in entries}
+        ignored = sorted(k for k in tensors if k not in used)
+        if ignored:
+            raise TypeError(f"stacked experts: tensors {ignored} are not understood")
+        source = {f"{name}.{k}": v for k, v in tensors.items()}
+        dtypes = {v.dtype for k, v in tensors.items() if not k.endswith("_bias")}
+        if len(dtypes) != 1:
+            raise TypeError(f"stacked experts mix dtypes {sorted(map(str, dtypes))}")
+        for e in entries:
+            full = source[e.key][e.foreign_index]
+            full = full.transpose(-1, -2) if e.transpose else full
+            want = {"w1": (n_exp, ffn, hidden), "w3": (n_exp, ffn, hidden), "w2": (n_exp, hidden, ffn),
+                    "b1": (n_exp, ffn), "b3": (n_exp, ffn), "b2": (n_exp, hidden)}[e.param]
+            if tuple(full.shape) != want:
+                raise ValueError(f"stacked experts: {e.key} gives {e.param} of shape {tuple(full.shape)}, expected {want}")
+        return cls(n_exp, ffn, glu, activation, dtypes.pop(), entries, source,
+                   module if module is not None else sorted(tensors), name, biases)
+
+    def export(self, state: dict[str, torch.Tensor]):
+        """New experts in the adapter's layout, holding ``state`` (foreign keys)."""
+        ours = {k[len(self.prefix) + 1:]: v for k, v in state.items() if k.startswith(self.prefix + ".")}
+        if isinstance(self.template, (nn.Module,)):
+            out = copy.deepcopy(self.template)
+            with torch.no_grad():
+                own = dict(out.named_parameters())
+                own.update(dict(out.named_buffers()))
+                for k, v in ours.items():
+                    own[k].copy_(v)
+            return out
+        return {k: ours[k].clone() for k in self.template}
+
+
+def _check_activation(activation: str, glu: bool) -> None:
+    allowed = GLU_ACTIVATIONS if glu else TWO_LAYER_ACTIVATIONS
+    if activation not in allowed:
+        kind = "gated (gate/up/down)" if glu else "2-layer"
+        raise ValueError(f"activation {activation!r} does not fit {kind} experts; expected one of {allowed}")

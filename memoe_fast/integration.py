@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 
@@ -225,7 +226,7 @@ def read_edit_meta(path: str) -> dict:
 
 
 def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=None, nlp=None,
-                anchor_mode: str | None = None) -> MEMoEHandle:
+                anchor_mode: str | None = None, bypass: MEMoEBypass | None = None) -> MEMoEHandle:
     """Wrap the MLP of block ``config.layer`` with a :class:`MEMoEBypass`; freeze everything else.
 
     Args:
@@ -235,6 +236,9 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
         nlp: an optional spaCy pipeline (the small English model is loaded lazily otherwise).
         anchor_mode: ``"auto"`` (anchors from the input text; needs ``tokenizer``) or ``"manual"``
             (only the caller's anchors); None picks ``"auto"`` when a tokenizer is given.
+        bypass: a ready :class:`MEMoEBypass` around this block's MLP (e.g. from
+            :meth:`MEMoEBypass.from_modules`) to put in place instead of a new one; ``config`` then
+            only chooses the block (None: the bypass's own config).
 
     Returns:
         a :class:`MEMoEHandle`; ``handle.remove()`` puts the original MLP back.
@@ -245,7 +249,7 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
         out = model.generate(**tokenizer("The capital of France is", return_tensors="pt"))
         handle.remove()
     """
-    config = config or MEMoEConfig()
+    config = config or (bypass.config if bypass is not None else MEMoEConfig())
     anchor_mode = resolve_anchor_mode(anchor_mode, tokenizer is not None)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -255,7 +259,15 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
     if isinstance(original, MEMoEBypass):
         raise RuntimeError(f"block {layer} already has a MEMoE bypass; remove it first")
     embedding = model.get_input_embeddings()
-    bypass = MEMoEBypass(original, config, anchor_dim=embedding.weight.shape[1])
+    if bypass is None:
+        bypass = MEMoEBypass(original, config, anchor_dim=embedding.weight.shape[1])
+    elif bypass.base_layer is not original:
+        raise ValueError(f"the given bypass wraps another module than block {layer}'s MLP")
+    elif tokenizer is not None and bypass.anchor_dim != embedding.weight.shape[1]:
+        raise ValueError(f"the given bypass reads anchors of width {bypass.anchor_dim}, but anchors from text have "
+                         f"the embedding width {embedding.weight.shape[1]}; use anchor_mode='manual' without a tokenizer")
+    else:
+        bypass.config = config = dataclasses.replace(bypass.config, layer=layer)
     bypass.train(model.training)  # a new module starts in training mode; follow the host model
     block.mlp = bypass
     bank = None
