@@ -206,8 +206,11 @@ class MEMoEBypass(nn.Module):
             noise = torch.randn(tokens.shape[0], self.config.num_experts, device=x.device) * self.config.gate_noise
         # The kernels add the bypass into the host output in their epilogue when both share a dtype.
         fuse_host = out.dtype == self.w1.dtype
+        glu = self.w3 is not None
         y, probs, experts = moe_bypass(
-            tokens, anchor, seq_idx, self.w_gate, self.w1, self.w2, self.w3, self.b1, self.b2,
+            tokens, anchor, seq_idx, router_weight=self.w_gate,
+            gate_proj=self.w1 if glu else None, up_proj=self.w3 if glu else self.w1, down_proj=self.w2,
+            gate_bias=self.b1 if glu else None, up_bias=None if glu else self.b1, down_bias=self.b2,
             token_scale=None if self.config.scale == 1.0 else torch.full((tokens.shape[0],), self.config.scale, device=x.device),
             noise=noise, top_k=self.config.top_k, renormalize=self.config.renormalize,
             activation=self.activation, host_out=host_rows if fuse_host else None, impl=self.impl,
