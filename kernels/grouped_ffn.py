@@ -37,14 +37,18 @@ def _silu_parts(h):
 
 
 @triton.jit
-def _gelu_parts(h, APPROX_TANH: tl.constexpr):
-    """(gelu(h), gelu'(h)) in fp32; tanh written through the sigmoid, which every backend has."""
-    if APPROX_TANH:
+def _act_parts(h, ACT: tl.constexpr):
+    """(act(h), act'(h)) in fp32 for the 2-layer experts: ACT 1 = exact GELU, 2 = tanh GELU, 3 = ReLU.
+    tanh is written through the sigmoid, which every backend has."""
+    if ACT == 2:
         c: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
         z = c * (h + 0.044715 * h * h * h)
         t = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
         y = 0.5 * h * (1.0 + t)
         dy = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * h * h)
+    elif ACT == 3:
+        y = tl.maximum(h, 0.0)
+        dy = tl.where(h > 0.0, 1.0, 0.0)
     else:
         cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
         y = h * cdf
@@ -59,7 +63,8 @@ def _grouped_up_fwd_kernel(
     offs_ptr,  # (E + 1,) int64 first slot of each expert
     w1_ptr,  # (E, F, D) gate_proj / c_fc
     w3_ptr,  # (E, F, D) up_proj (GLU)
-    b1_ptr,  # (E, F) (HAS_B1)
+    b1_ptr,  # (E, F) bias of w1 (HAS_B1)
+    b3_ptr,  # (E, F) bias of w3 (HAS_B3)
     h_ptr,  # (T*k, F) out: pre-activation (SAVE)
     u_ptr,  # (T*k, F) out: up projection (GLU and SAVE)
     a_ptr,  # (T*k, F) out: act(h) [* u]
@@ -68,7 +73,8 @@ def _grouped_up_fwd_kernel(
     stride_w1e, stride_w1f, stride_w1d,
     stride_w3e, stride_w3f, stride_w3d,
     stride_b1e, stride_b1f,
-    GLU: tl.constexpr, ACT_TANH: tl.constexpr, HAS_B1: tl.constexpr, SAVE: tl.constexpr,
+    stride_b3e, stride_b3f,
+    GLU: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B3: tl.constexpr, SAVE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -103,11 +109,13 @@ def _grouped_up_fwd_kernel(
             acc_u = tl.dot(x, w3, acc_u, input_precision=DOT_PRECISION)
     if HAS_B1:
         acc_h += tl.load(b1_ptr + expert * stride_b1e + cols * stride_b1f, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B3:
+        acc_u += tl.load(b3_ptr + expert * stride_b3e + cols * stride_b3f, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if GLU:
         act, _d = _silu_parts(acc_h)
         act = act * acc_u
     else:
-        act, _d = _gelu_parts(acc_h, ACT_TANH)
+        act, _d = _act_parts(acc_h, ACT)
     mask = row_mask[:, None] & col_mask[None, :]
     out_off = rows[:, None] * F + cols[None, :]
     tl.store(a_ptr + out_off, act.to(a_ptr.dtype.element_ty), mask=mask)
@@ -202,7 +210,7 @@ def _grouped_up_bwd_kernel(
     D, F, E,
     stride_gt, stride_gd,
     stride_w2e, stride_w2d, stride_w2f,
-    GLU: tl.constexpr, ACT_TANH: tl.constexpr, NEED_DCOEF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GLU: tl.constexpr, ACT: tl.constexpr, NEED_DCOEF: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(T*k, BLOCK_M) + E, cdiv(F, BLOCK_N)). One program owns a BLOCK_M x BLOCK_N tile of
@@ -240,7 +248,7 @@ def _grouped_up_bwd_kernel(
         tl.store(du_ptr + off, (da * s).to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(dh_ptr + off, (da * u * ds).to(dh_ptr.dtype.element_ty), mask=mask)
     else:
-        _y, dg = _gelu_parts(h, ACT_TANH)
+        _y, dg = _act_parts(h, ACT)
         tl.store(dh_ptr + off, (da * dg).to(dh_ptr.dtype.element_ty), mask=mask)
     if NEED_DCOEF:
         if pid_n == 0:

@@ -24,7 +24,8 @@ from memoe_fast.kernels.grouped_ffn import (
     _grouped_wgrad_kernel,
 )
 
-from .reference import ACTIVATIONS
+# Activation codes of the kernels' ACT constexpr.
+ACT_CODES = {"silu_glu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 CONFIG_ENV = "MEMOE_TRITON_CONFIG"
 
@@ -82,7 +83,7 @@ def _row_grid(nslots: int, num_experts: int, n: int):
     return lambda meta: (triton.cdiv(nslots, meta["BLOCK_M"]) + num_experts, triton.cdiv(n, meta["BLOCK_N"]))
 
 
-def gate_fwd(x, anchor, seq_idx, w_gate, top_k: int, noise=None, renormalize: bool = True):
+def gate_fwd(x, anchor, seq_idx, w_gate, top_k: int, noise=None, renormalize: bool = True, router_bias=None):
     """Gate forward: ``(probs (T, E) fp32, weights (T, k) fp32, experts (T, k) int64, counts (E,) int32)``."""
     t, d = x.shape
     s, a = anchor.shape
@@ -105,6 +106,8 @@ def gate_fwd(x, anchor, seq_idx, w_gate, top_k: int, noise=None, renormalize: bo
         )
     else:
         table.zero_()
+    if router_bias is not None:
+        table += router_bias.float()  # the bias is per sequence like the anchor term: (S, E) small
     if t > 0:
         nz = noise if noise is not None else probs
         _gate_fwd_kernel[(triton.cdiv(t, block_n),)](
@@ -119,7 +122,7 @@ def gate_fwd(x, anchor, seq_idx, w_gate, top_k: int, noise=None, renormalize: bo
 
 def gate_bwd(dprobs, dweights, probs, weights, experts, x, anchor, seq_idx, w_gate, renormalize: bool,
              need_x: bool = True):
-    """Gate backward: ``(dx (T, D) or None, danchor (S, A), dw_gate (E, D + A))``.
+    """Gate backward: ``(dx (T, D) or None, danchor (S, A), dw_gate (E, D + A), dbias (E,) fp32)``.
 
     The kernel produces dlogits and dx = dlogits · W_x; the E-row reductions over tokens (dW_x, and the
     per-sequence sum feeding dW_a and danchor) are small GEMMs left to torch.
@@ -146,7 +149,7 @@ def gate_bwd(dprobs, dweights, probs, weights, experts, x, anchor, seq_idx, w_ga
     dseq = torch.zeros(anchor.shape[0], e, device=x.device, dtype=torch.float32).index_add_(0, seq_idx, dlogits)
     dw_a = dseq.t() @ anchor.float()
     danchor = (dseq @ w_gate[:, d:].float()).to(anchor.dtype)
-    return dx, danchor, torch.cat([dw_x, dw_a], dim=1).to(w_gate.dtype)
+    return dx, danchor, torch.cat([dw_x, dw_a], dim=1).to(w_gate.dtype), dseq.sum(0)
 
 
 def route_fwd(experts: torch.Tensor, counts: torch.Tensor):
@@ -159,7 +162,7 @@ def route_fwd(experts: torch.Tensor, counts: torch.Tensor):
     return order, tok, offs
 
 
-def grouped_ffn_fwd(x, tok, offs, coef, w1, w2, w3, b1, b2, host_out, top_k: int, activation: str,
+def grouped_ffn_fwd(x, tok, offs, coef, w1, w2, w3, b1, b2, b3, host_out, top_k: int, activation: str,
                     save: bool, save_y: bool):
     """Expert FFN forward on expert-sorted slots, combined into ``host_out``.
 
@@ -175,12 +178,15 @@ def grouped_ffn_fwd(x, tok, offs, coef, w1, w2, w3, b1, b2, host_out, top_k: int
     u = _empty(nslots, f, device=x.device, dtype=x.dtype) if (save and glu) else a
     w3_ = w3 if glu else w1
     b1_ = b1 if b1 is not None else w1
+    b3_ = b3 if b3 is not None else w1
     _up_fwd[_row_grid(nslots, e, f)](
-        x, tok, offs, w1, w3_, b1_, h, u, a, d, f, e,
+        x, tok, offs, w1, w3_, b1_, b3_, h, u, a, d, f, e,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
         w3_.stride(0), w3_.stride(1), w3_.stride(2),
         b1_.stride(0) if b1 is not None else 0, b1_.stride(1) if b1 is not None else 0,
-        GLU=glu, ACT_TANH=activation == "gelu_tanh", HAS_B1=b1 is not None, SAVE=save, DOT_PRECISION=prec,
+        b3_.stride(0) if b3 is not None else 0, b3_.stride(1) if b3 is not None else 0,
+        GLU=glu, ACT=ACT_CODES[activation], HAS_B1=b1 is not None, HAS_B3=b3 is not None, SAVE=save,
+        DOT_PRECISION=prec,
     )
     y = _empty(nslots, d, device=x.device, dtype=x.dtype) if save_y else a
     atomic = top_k > 1
@@ -205,8 +211,8 @@ def grouped_ffn_fwd(x, tok, offs, coef, w1, w2, w3, b1, b2, host_out, top_k: int
 
 def grouped_ffn_bwd(g, x, tok, offs, coef, w1, w2, w3, a, h, u, y, top_k: int, activation: str,
                     need_x: bool, need_w1: bool, need_w2: bool, need_w3: bool, need_b1: bool, need_b2: bool,
-                    need_coef: bool):
-    """Expert FFN backward: ``(dx, dw1, dw2, dw3, db1, db2, dcoef)``; unrequested entries are None."""
+                    need_b3: bool, need_coef: bool):
+    """Expert FFN backward: ``(dx, dw1, dw2, dw3, db1, db2, db3, dcoef)``; unrequested entries are None."""
     t, d = x.shape
     e, f, _ = w1.shape
     nslots = tok.numel()
@@ -218,7 +224,7 @@ def grouped_ffn_bwd(g, x, tok, offs, coef, w1, w2, w3, a, h, u, y, top_k: int, a
     _up_bwd[_row_grid(nslots, e, f)](
         g, tok, offs, coef, w2, h, u if glu else h, y if need_coef else g, dh, du, dcoef, d, f, e,
         g.stride(0), g.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
-        GLU=glu, ACT_TANH=activation == "gelu_tanh", NEED_DCOEF=need_coef, DOT_PRECISION=prec,
+        GLU=glu, ACT=ACT_CODES[activation], NEED_DCOEF=need_coef, DOT_PRECISION=prec,
     )
     dx = None
     if need_x:
@@ -246,125 +252,111 @@ def grouped_ffn_bwd(g, x, tok, offs, coef, w1, w2, w3, a, h, u, y, top_k: int, a
         )
         return dw, (db if want_db else None)
 
-    dw1 = db1 = dw3 = dw2 = db2 = None
+    dw1 = db1 = dw3 = db3 = dw2 = db2 = None
     if need_w1 or need_b1:
         dw1, db1 = wgrad(dh, x, f, d, False, True, False, need_b1, w1)
-    if glu and need_w3:
-        dw3, _ = wgrad(du, x, f, d, False, True, False, False, w3)
+    if glu and (need_w3 or need_b3):
+        dw3, db3 = wgrad(du, x, f, d, False, True, False, need_b3, w3)
     if need_w2 or need_b2:
         dw2, db2 = wgrad(g, a, d, f, True, False, True, need_b2, w2)
-    return dx, dw1, dw2, dw3, db1, db2, (dcoef if need_coef else None)
+    return dx, dw1, dw2, dw3, db1, db2, db3, (dcoef if need_coef else None)
 
 
 class _TritonGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, anchor, w_gate, seq_idx, noise, top_k, renormalize):
-        probs, weights, experts, counts = gate_fwd(x, anchor, seq_idx, w_gate, top_k, noise, renormalize)
+    def forward(ctx, x, anchor, w_gate, router_bias, seq_idx, noise, top_k, renormalize):
+        probs, weights, experts, counts = gate_fwd(x, anchor, seq_idx, w_gate, top_k, noise, renormalize, router_bias)
         ctx.save_for_backward(x, anchor, w_gate, seq_idx, probs, weights, experts)
         ctx.renormalize = renormalize
+        ctx.bias_dtype = None if router_bias is None else router_bias.dtype
         ctx.mark_non_differentiable(experts, counts)
         return probs, weights, experts, counts
 
     @staticmethod
     def backward(ctx, dprobs, dweights, _dexperts, _dcounts):
         x, anchor, w_gate, seq_idx, probs, weights, experts = ctx.saved_tensors
-        dx, danchor, dw_gate = gate_bwd(dprobs, dweights, probs, weights, experts, x, anchor, seq_idx, w_gate,
-                                        ctx.renormalize, need_x=ctx.needs_input_grad[0])
-        return dx, danchor, dw_gate, None, None, None, None
+        dx, danchor, dw_gate, dbias = gate_bwd(dprobs, dweights, probs, weights, experts, x, anchor, seq_idx, w_gate,
+                                               ctx.renormalize, need_x=ctx.needs_input_grad[0])
+        dbias = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        return dx, danchor, dw_gate, dbias, None, None, None, None
 
 
 class _TritonExperts(torch.autograd.Function):
+    """Inputs in kernel terms: w1 is the first projection read by the activation (gate_proj for GLU, else
+    up_proj), w3 the GLU up projection; b1, b3 their biases; w2, b2 the down projection."""
+
     @staticmethod
-    def forward(ctx, x, weights, w1, w2, w3, b1, b2, host_out, token_scale, experts, counts, activation):
+    def forward(ctx, x, weights, w1, w2, w3, b1, b2, b3, host_out, token_scale, experts, counts, activation):
         t, k = experts.shape
         order, tok, offs = route_fwd(experts, counts)
         coef = weights.reshape(-1).index_select(0, order)
         if token_scale is not None:
             coef = coef * token_scale.float().index_select(0, tok)
         need = ctx.needs_input_grad
-        save = any(need[i] for i in (0, 1, 2, 3, 4, 5, 6))
-        out, a, h, u, y = grouped_ffn_fwd(x, tok, offs, coef, w1, w2, w3, b1, b2, host_out, k, activation,
+        save = any(need[i] for i in range(8))
+        out, a, h, u, y = grouped_ffn_fwd(x, tok, offs, coef, w1, w2, w3, b1, b2, b3, host_out, k, activation,
                                           save=save, save_y=need[1])
         ctx.save_for_backward(x, w1, w2, w3, a, h, u, y, order, tok, offs, coef, token_scale)
-        ctx.meta = (k, activation, host_out is not None)
+        ctx.top_k = k
+        ctx.activation = activation
+        ctx.has_host = host_out is not None
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, w1, w2, w3, a, h, u, y, order, tok, offs, coef, token_scale = ctx.saved_tensors
-        k, activation, has_host = ctx.meta
+        k = ctx.top_k
         need = ctx.needs_input_grad
-        dx, dw1, dw2, dw3, db1, db2, dcoef = grouped_ffn_bwd(
-            g, x, tok, offs, coef, w1, w2, w3, a, h, u, y, k, activation,
+        dx, dw1, dw2, dw3, db1, db2, db3, dcoef = grouped_ffn_bwd(
+            g, x, tok, offs, coef, w1, w2, w3, a, h, u, y, k, ctx.activation,
             need_x=need[0], need_w1=need[2], need_w2=need[3], need_w3=need[4], need_b1=need[5],
-            need_b2=need[6], need_coef=need[1],
+            need_b2=need[6], need_b3=need[7], need_coef=need[1],
         )
         dweights = None
         if need[1]:
             if token_scale is not None:
                 dcoef = dcoef * token_scale.float().index_select(0, tok)
             dweights = torch.empty_like(dcoef).index_copy_(0, order, dcoef).view(-1, k)
-        return (dx, dweights, dw1 if need[2] else None, dw2 if need[3] else None, dw3, db1, db2,
-                g if (has_host and need[7]) else None, None, None, None, None)
+        return (dx, dweights, dw1 if need[2] else None, dw2 if need[3] else None, dw3 if need[4] else None,
+                db1 if need[5] else None, db2 if need[6] else None, db3 if need[7] else None,
+                g if (ctx.has_host and need[8]) else None, None, None, None, None)
 
 
 def moe_bypass_triton(
     x: torch.Tensor,  # (T, D)
     anchor: torch.Tensor,  # (S, A)
-    seq_idx: torch.Tensor,  # (T,)
-    w_gate: torch.Tensor,  # (E, D + A)
-    w1: torch.Tensor,  # (E, F, D)
-    w2: torch.Tensor,  # (E, D, F)
-    w3: torch.Tensor | None = None,  # (E, F, D)
-    b1: torch.Tensor | None = None,  # (E, F)
-    b2: torch.Tensor | None = None,  # (E, D)
+    seq_idx: torch.Tensor,  # (T,) int64
+    *,
+    router_weight: torch.Tensor,  # (E, D + A)
+    router_bias: torch.Tensor | None = None,  # (E,)
+    up_proj: torch.Tensor,  # (E, F, D)
+    down_proj: torch.Tensor,  # (E, D, F)
+    gate_proj: torch.Tensor | None = None,  # (E, F, D)
+    up_bias: torch.Tensor | None = None,  # (E, F)
+    gate_bias: torch.Tensor | None = None,  # (E, F)
+    down_bias: torch.Tensor | None = None,  # (E, D)
+    activation: str,
+    top_k: int,
+    renormalize: bool = True,
     token_scale: torch.Tensor | None = None,  # (T,)
     noise: torch.Tensor | None = None,  # (T, E)
-    top_k: int = 1,
-    renormalize: bool = True,
-    activation: str = "silu_glu",
     host_out: torch.Tensor | None = None,  # (T, D)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bypass MoE by the fused Triton kernels, with the contract of ``moe_bypass_reference``.
-
-    Args:
-        x: (T, D) tokens. anchor: (S, A) per-sequence anchors; seq_idx: (T,) sequence of each token.
-        w_gate: (E, D + A). w1/w3: (E, F, D), w2: (E, D, F) in x's dtype; b1 (E, F), b2 (E, D).
-        token_scale: (T,) or None; noise: (T, E) or None (no gradient to either).
-        host_out: (T, D) in x's dtype, added to the result (gradient passes through).
-
-    Returns:
-        ``(out (T, D), probs (T, E) fp32, experts (T, k) int64)``.
-
-    Example (on CUDA, or on CPU with ``TRITON_INTERPRET=1`` set before triton is imported):
-        >>> T, D, F_, E = 8, 16, 32, 4
-        >>> dev = "cuda"
-        >>> out, probs, experts = moe_bypass_triton(
-        ...     torch.randn(T, D, device=dev), torch.randn(1, 8, device=dev),
-        ...     torch.zeros(T, dtype=torch.long, device=dev), torch.randn(E, D + 8, device=dev),
-        ...     torch.randn(E, F_, D, device=dev), torch.randn(E, D, F_, device=dev),
-        ...     torch.randn(E, F_, D, device=dev))  # doctest: +SKIP
-    """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if (activation == "silu_glu") != (w3 is not None):
-        raise ValueError("activation 'silu_glu' needs w3, and the GELU activations take no w3")
-    num_experts = w1.shape[0]
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-    if x.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("moe_bypass_triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-    for name, w in (("w1", w1), ("w2", w2), ("w3", w3), ("host_out", host_out)):
-        if w is not None and w.dtype != x.dtype:
-            raise TypeError(f"{name} is {w.dtype} but x is {x.dtype}; the grouped kernels take one dtype")
-    seq_idx = seq_idx.to(torch.int64)
-    probs, weights, experts, counts = _TritonGate.apply(x, anchor, w_gate, seq_idx, noise, top_k, renormalize)
+    """The bypass MoE by the fused Triton kernels, with the contract of :func:`memoe_fast.ops.moe_bypass`
+    (which validates the arguments; this function trusts them). CUDA tensors, or CPU tensors with
+    ``TRITON_INTERPRET=1`` set before triton is imported."""
+    glu = activation == "silu_glu"
+    w1, b1 = (gate_proj, gate_bias) if glu else (up_proj, up_bias)
+    w3, b3 = (up_proj, up_bias) if glu else (None, None)
+    probs, weights, experts, counts = _TritonGate.apply(x, anchor, router_weight, router_bias, seq_idx, noise, top_k,
+                                                        renormalize)
     if x.shape[0] == 0:
         out = host_out.clone() if host_out is not None else torch.zeros_like(x)
         return out, probs, experts
-    out = _TritonExperts.apply(x, weights, w1, w2, w3, b1, b2, host_out, token_scale, experts, counts, activation)
+    out = _TritonExperts.apply(x, weights, w1, down_proj, w3, b1, down_bias, b3, host_out, token_scale, experts,
+                               counts, activation)
     return out, probs, experts
 
 
-__all__ = ["gate_bwd", "gate_fwd", "grouped_configs", "grouped_ffn_bwd", "grouped_ffn_fwd", "moe_bypass_triton",
-           "route_fwd"]
+__all__ = ["ACT_CODES", "gate_bwd", "gate_fwd", "grouped_configs", "grouped_ffn_bwd", "grouped_ffn_fwd",
+           "moe_bypass_triton", "route_fwd"]
