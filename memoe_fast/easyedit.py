@@ -253,6 +253,7 @@ def apply_memoe_to_model(model, tok, requests: list[dict], hparams: MEMoEHyperPa
     result = editor.edit(reqs, mode=hparams.mode, batch_size=hparams.batch_size,
                          evaluate=bool(kwargs.get("evaluate", False)))
     handle = editor.handle
+    handle.edited_requests.extend(dataclasses.asdict(r) for r in reqs)  # saved with the edit
 
     def restore():
         """Take the MEMoE edits out: the model is the unedited one again."""

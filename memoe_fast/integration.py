@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import dataclasses
 import json
 import os
@@ -14,7 +15,7 @@ from .bypass import MEMoEBypass
 from .config import MEMoEConfig
 from .io import atomic_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the backbone, the host fingerprint, shapes, versions and requests; 1 still loads
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -79,6 +80,7 @@ class MEMoEHandle:
         self.original = original
         self.bank = bank
         self.anchor_mode = resolve_anchor_mode(anchor_mode, bank is not None)
+        self.edited_requests: list = []  # what save() records; editors and apply_memoe_to_model append
         self._hook = model.register_forward_pre_hook(self._auto_anchor, with_kwargs=True)
         self.removed = False
 
@@ -179,39 +181,110 @@ class MEMoEHandle:
         return self.model
 
     # Saving.
-    def save(self, path: str, extra: dict | None = None) -> None:
-        """Write ``bypass.safetensors`` and ``memoe.json`` into ``path`` atomically."""
+    def save(self, path: str, extra: dict | None = None, requests=None) -> None:
+        """Write ``bypass.safetensors`` and ``memoe.json`` into ``path`` atomically (no pickle).
+
+        ``memoe.json`` records what the edit belongs to and holds: the config and block, the edited
+        subjects, the backbone (:func:`backbone_info`), a fingerprint of the host block's weights
+        (:func:`host_fingerprint`), every tensor's shape and dtype, the library version, and the edited
+        requests (``requests``, else :attr:`edited_requests`: dataclasses or dicts)."""
         from safetensors.torch import save_file
 
+        from . import __version__
+
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.bypass.bypass_parameters().items()}
+        reqs = self.edited_requests if requests is None else list(requests)
         meta = {
             "format_version": FORMAT_VERSION,
+            "library_version": __version__,
             "config": self.config.to_dict(),
             "layer": self.layer,
             "subjects": list(self.bank.subjects) if self.bank else [],
+            "backbone": backbone_info(self.model),
+            "host_fingerprint": host_fingerprint(self.original),
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
+            "requests": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in reqs],
             **(extra or {}),
         }
+        text = json.dumps(meta, indent=2)  # fails here, before anything is written, on a non-JSON value
         with atomic_dir(path) as tmp:
             save_file(tensors, os.path.join(tmp, "bypass.safetensors"))
             with open(os.path.join(tmp, "memoe.json"), "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2)
+                f.write(text)
+
+    def check_compatible(self, meta: dict, path: str = "edits") -> None:
+        """Raise ``ValueError`` naming what differs when the edit in ``meta`` was made on another backbone
+        or block (the block index, the host weights' fingerprint, tensor shapes)."""
+        if meta.get("layer") is not None and meta["layer"] != self.layer:
+            raise ValueError(f"{path}: the edit is for block {meta['layer']}, this bypass is in block {self.layer}")
+        saved = meta.get("host_fingerprint")
+        if saved is not None:
+            here = host_fingerprint(self.original)
+            diffs = [k for k in ("shapes", "dtypes") if saved.get(k) != here.get(k)]
+            if diffs or saved.get("sha256") != here.get("sha256"):
+                what = {"shapes": f"shapes {saved.get('shapes')} vs {here.get('shapes')}",
+                        "dtypes": f"dtypes {saved.get('dtypes')} vs {here.get('dtypes')}"}
+                detail = "; ".join(what[d] for d in diffs) or (
+                    f"sha256 {saved.get('sha256', '')[:12]} vs {here['sha256'][:12]}")
+                src = meta.get("backbone", {}).get("name_or_path") or meta.get("model") or "?"
+                raise ValueError(
+                    f"{path}: made on another backbone: block {self.layer}'s MLP weights differ ({detail}); saved "
+                    f"from {src!r}, this model is {backbone_info(self.model)['name_or_path']!r}")
+        for name, info in (meta.get("tensors") or {}).items():
+            p = self.bypass.bypass_parameters().get(name)
+            if p is not None and list(p.shape) != info["shape"]:
+                raise ValueError(f"{path}: tensor {name!r} was saved with shape {tuple(info['shape'])}, "
+                                 f"this bypass has {tuple(p.shape)}")
 
     def load_weights(self, path: str) -> dict:
-        """Load bypass weights and subjects saved by :meth:`save`; returns the saved metadata."""
+        """Load bypass weights and subjects saved by :meth:`save`; returns the saved metadata.
+
+        Refuses (``ValueError`` naming what differs) an edit made on another backbone, before any
+        tensor is touched; every tensor (experts, biases, gate) is restored."""
         from safetensors.torch import load_file
 
         meta = read_edit_meta(path)
+        self.check_compatible(meta, path)
         tensors = load_file(os.path.join(path, "bypass.safetensors"))
         params = self.bypass.bypass_parameters()
         if set(tensors) != set(params):
             raise ValueError(f"{path}: bypass tensors {sorted(tensors)} do not match this model's {sorted(params)}")
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
         with torch.no_grad():
             for name, p in params.items():
-                if tensors[name].shape != p.shape:
-                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
                 p.copy_(tensors[name])
         self.add_subjects(meta.get("subjects", []))
+        self.edited_requests.extend(meta.get("requests", []))
         return meta
+
+
+def backbone_info(model: nn.Module) -> dict:
+    """What names the backbone: its ``name_or_path``, model type, block count and hidden size."""
+    cfg = getattr(model, "config", None)
+    return {
+        "name_or_path": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
+        "model_type": getattr(cfg, "model_type", None),
+        "num_blocks": len(transformer_blocks(model)),
+        "hidden_size": model.get_input_embeddings().weight.shape[1],
+    }
+
+
+def host_fingerprint(mlp: nn.Module) -> dict:
+    """sha256 over the host MLP's tensors (names, dtypes, shapes and bytes, in name order), with the
+    shapes and dtypes in the clear so that a mismatch can say what differs."""
+    h = hashlib.sha256()
+    shapes, dtypes = {}, {}
+    for name, t in sorted(mlp.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        shapes[name], dtypes[name] = list(t.shape), str(t.dtype).replace("torch.", "")
+        h.update(f"{name}|{dtypes[name]}|{shapes[name]}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return {"sha256": h.hexdigest(), "shapes": shapes, "dtypes": dtypes}
 
 
 def read_edit_meta(path: str) -> dict:
@@ -220,7 +293,7 @@ def read_edit_meta(path: str) -> dict:
         raise FileNotFoundError(f"{path}: not a saved MEMoE edit (expected memoe.json and bypass.safetensors)")
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
     return meta
 
