@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import inspect
 import platform
 import resource
 import sys
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default="memoe_out", help="output folder: results.json and edits/")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--resume", action="store_true",
+                   help="sequential mode: continue a stopped run from its last finished batch (OUT/checkpoints)")
     g = sub.add_parser("generate", help="continue a prompt with an edited model")
     g.add_argument("--edits", required=True, help="an edits folder written by `memoe-fast edit` (OUT/edits)")
     g.add_argument("--model", default=None, help="override the model recorded with the edits")
@@ -127,7 +130,9 @@ def cmd_edit(args) -> int:
     from .io import atomic_write_json
     from .models import load_model, model_label
     from .ops import resolve_impl
+    from .preflight import preflight
 
+    preflight(args.model, load_in_8bit=args.load_in_8bit)  # every dependency, before any work
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.micro_batch < 1:
@@ -150,7 +155,14 @@ def cmd_edit(args) -> int:
     extra = ({"micro_batch": args.micro_batch, "checkpoint": args.checkpoint, "prepack": not args.no_prepack}
              if args.editor == "fast" else {})
     editor = Editor(model, tokenizer, config, progress=progress, **extra)
-    result = editor.edit(requests, mode=args.mode, batch_size=args.batch_size)
+    out = os.path.abspath(args.out)
+    resume = {}
+    if "resume" in inspect.signature(editor.edit).parameters:
+        resume = {"checkpoint_dir": os.path.join(out, "checkpoints") if args.mode == "sequential" else None,
+                  "resume": args.resume}
+    elif args.resume:
+        raise ValueError("--resume: this editor cannot resume a run")
+    result = editor.edit(requests, mode=args.mode, batch_size=args.batch_size, **resume)
     result["timings"]["load_s"] = load_s
     result["timings"]["total_s"] = time.perf_counter() - t0
     result["timings"]["per_edit_s"] = result["timings"]["edit_s"] / len(requests)
@@ -160,8 +172,8 @@ def cmd_edit(args) -> int:
         "impl": resolve_impl(editor.handle.bypass.impl, editor.device), "config": config.to_dict(), "layer": editor.handle.layer,
         "memory": peak_memory_mib(), "versions": _versions(), "device": str(editor.device),
     })
-    out = os.path.abspath(args.out)
-    editor.handle.save(os.path.join(out, "edits"), extra={"model": args.model, "load_in_8bit": args.load_in_8bit})
+    editor.handle.save(os.path.join(out, "edits"), extra={"model": args.model, "load_in_8bit": args.load_in_8bit},
+                       requests=requests)
     atomic_write_json(os.path.join(out, "results.json"), result)
     print(format_table(result))
     print(f"wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'edits')}")
@@ -174,8 +186,10 @@ def cmd_generate(args) -> int:
     from .config import MEMoEConfig
     from .integration import apply_memoe, read_edit_meta
     from .models import load_model
+    from .preflight import preflight
 
     meta = read_edit_meta(args.edits)
+    preflight(args.model or meta.get("model", "smollm2"), load_in_8bit=bool(meta.get("load_in_8bit")))
     model, tokenizer = load_model(args.model or meta.get("model", "smollm2"),
                                   load_in_8bit=bool(meta.get("load_in_8bit")), device=args.device)
     config = MEMoEConfig.from_dict(meta["config"])
