@@ -131,6 +131,10 @@ class MEMoEBypass(nn.Module):
         self.hidden_size, self.ffn_size = hidden, ffn
         self.anchor_dim = anchor_dim or hidden
         ref = next(base_layer.parameters())
+        if ref.device.type == "meta":
+            raise ValueError(
+                f"the host MLP's weights are offloaded (on the meta device, loaded only during its forward): "
+                "the edited block must stay on a device; leave it out of the offloaded part of the device_map")
         if config.expert_dtype is not None:
             dtype = getattr(torch, config.expert_dtype)
         else:
