@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import MEMoEConfig
-from .datasets import DataFormatError, EditRequest, _load_counterfact_records
+from .datasets import DataFormatError, EditRequest, _counterfact_easyedit, _Record
 
 # EasyEdit's names that differ from MEMoEConfig's.
 ALIASES = {"num_steps": "steps", "scope": "anchor_scope"}
@@ -191,12 +191,14 @@ def requests_from_dicts(requests: list[dict]) -> list[EditRequest]:
         else:
             rephrases.append(None)
         records.append(r)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # an empty target is an error here, raised below
-        out = _load_counterfact_records("requests", records, None)
-    if len(out) != len(records):
-        empty = [i for i, r in enumerate(records) if not str(r.get("target_new", "")).strip()]
-        raise DataFormatError(f"requests: record {empty[0] if empty else '?'}: field 'target_new' is empty; nothing to edit")
+    out = []
+    for i, r in enumerate(records):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a dropped extra locality entry is documented
+            req = _counterfact_easyedit(_Record(f"requests: record {i}", r))
+        if req is None:  # the file loaders skip such records; a caller's request must not vanish
+            raise DataFormatError(f"requests: record {i}: field 'target_new' is empty; nothing to edit")
+        out.append(req)
     for req, reph in zip(out, rephrases):
         if reph is not None:
             req.rephrase = reph
