@@ -103,6 +103,11 @@ class MEMoEBypass(nn.Module):
     2-layer experts (gelu, gelu_tanh, relu): ``w1`` up_proj (E, F, D), ``b1`` (E, F), no ``w3``;
     ``w2`` down_proj (E, D, F), ``b2`` (E, D). Biases exist where the host has them.
 
+    State dicts: ``state_dict()`` is PyTorch's, with the frozen host under ``base_layer.*`` (so a model
+    holding the bypass saves whole); :meth:`bypass_state_dict` has only the tensors above (what an edit
+    saves). ``load_state_dict`` takes either, a bypass-only one leaving the host as it is, and after
+    :meth:`from_modules` also the ported adapter's own checkpoint, translated by :meth:`key_map`.
+
     Args:
         base_layer: the host MLP module.
         config: :class:`MEMoEConfig`.

@@ -137,3 +137,24 @@ def test_save_with_a_non_json_value_writes_nothing(tokenizer, tmp_path):
     with pytest.raises(TypeError):
         handle.save(str(tmp_path / "edits"), extra={"bad": object()})
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_generate_refuses_edits_from_another_model(tokenizer, tmp_path, capsys):
+    """`memoe-fast generate --edits` with another backbone: exit status 2, the message says what differs."""
+    from memoe_fast.cli import main
+
+    folders = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        folders[name] = str(tmp_path / name)
+        _tiny_llama(seed).save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    handle = _edited(_tiny_llama(0), tokenizer)
+    handle.save(str(tmp_path / "edits"), extra={"model": folders["a"]})
+    before = sorted(os.listdir(tmp_path))
+    assert main(["generate", "--edits", str(tmp_path / "edits"), "--model", folders["b"], "--device", "cpu",
+                 "--max-new-tokens", "2", "The capital of France is"]) == 2
+    err = capsys.readouterr().err
+    assert "made on another backbone" in err and "MLP weights differ" in err
+    assert sorted(os.listdir(tmp_path)) == before
+    assert main(["generate", "--edits", str(tmp_path / "edits"), "--device", "cpu", "--max-new-tokens", "2",
+                 "The capital of France is"]) == 0
