@@ -386,3 +386,24 @@ def test_mlp_bias_host_equals_reference_in_every_impl(impl, activation):
     assert_close("dx", dx, ref_dx, *TOLERANCES[torch.float32])
     for name in ref_g:
         assert_close(f"d{name}", g[name], ref_g[name], *TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("activation", ["silu_glu", "gelu", "gelu_tanh", "relu"])
+def test_expert_activation_on_every_host(tiny_model, activation):
+    """Any expert activation on a LLaMA or a GPT-2 host: the base model at init, torch == reference after."""
+    ids = torch.randint(0, 1000, (2, 5))
+    with torch.no_grad():
+        base = tiny_model(input_ids=ids).logits
+    handle = apply_memoe(tiny_model, MEMoEConfig(layer=1, impl="torch", top_k=2, anchor_scope=False,
+                                                 expert_activation=activation))
+    bypass = handle.bypass
+    assert bypass.activation == activation and (bypass.w3 is not None) == (activation == "silu_glu")
+    anchors = torch.randn(2, bypass.anchor_dim)
+    with torch.no_grad(), handle.anchored(anchors=anchors):
+        torch.testing.assert_close(tiny_model(input_ids=ids).logits, base, rtol=0, atol=0)
+        for p in bypass.bypass_parameters().values():
+            p.add_(torch.randn_like(p) * 0.2)
+        fast = tiny_model(input_ids=ids).logits
+        handle.set_impl("reference")
+        assert_close("logits", fast, tiny_model(input_ids=ids).logits, *TOLERANCES[torch.float32])
+    assert not torch.allclose(fast, base)

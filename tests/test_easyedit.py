@@ -1,9 +1,16 @@
 """EasyEdit's calling convention: request dicts, hparams YAML, apply_memoe_to_model, restore."""
 import json
+import os
 
 import pytest
+import torch
+import yaml
 
+from memoe_fast import MEMoEHyperParams, apply_memoe_to_model
+from memoe_fast.bypass import MEMoEBypass
 from memoe_fast.datasets import DataFormatError, load_counterfact
+from memoe_fast.easyedit import requests_from_dicts
+from memoe_fast.integration import transformer_blocks
 
 NESTED = {
     "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English", "subject": "Danielle Darrieux",
@@ -46,15 +53,6 @@ def test_counterfact_nested_locality_names_the_entries_it_drops(tmp_path):
 
 
 # EasyEdit's calling style, end to end.
-import os
-
-import torch
-import yaml
-
-from memoe_fast import MEMoEHyperParams, apply_memoe_to_model
-from memoe_fast.bypass import MEMoEBypass
-from memoe_fast.easyedit import requests_from_dicts
-from memoe_fast.integration import transformer_blocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2_YAML = os.path.join(ROOT, "hparams", "MEMoE", "smollm2.yaml")
