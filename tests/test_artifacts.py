@@ -158,3 +158,41 @@ def test_cli_generate_refuses_edits_from_another_model(tokenizer, tmp_path, caps
     assert sorted(os.listdir(tmp_path)) == before
     assert main(["generate", "--edits", str(tmp_path / "edits"), "--device", "cpu", "--max-new-tokens", "2",
                  "The capital of France is"]) == 0
+
+
+def test_checkpoints_resume_the_last_finished_batch(tokenizer, tmp_path):
+    from memoe_fast.io import load_checkpoint, read_latest, run_fingerprint, save_checkpoint
+
+    model = _tiny_llama()
+    handle = _edited(model, tokenizer)
+    run = run_fingerprint(handle.config.to_dict(), [{"prompt": "p", "target": "t"}])
+    ckpt = str(tmp_path / "ckpt")
+    assert load_checkpoint(handle, ckpt, run) is None  # nothing to resume yet
+    save_checkpoint(handle, ckpt, 0, {"losses": [[1.0]]}, run)
+    with torch.no_grad():
+        handle.bypass.w2.add_(1.0)
+    handle.add_subjects(["Paris"])
+    torch.manual_seed(123)
+    save_checkpoint(handle, ckpt, 1, {"losses": [[1.0], [0.5]]}, run)
+    expected_rng = torch.get_rng_state()
+    saved = {k: v.detach().clone() for k, v in handle.bypass.bypass_parameters().items()}
+    assert sorted(os.listdir(ckpt)) == ["batch-00001", "latest.json"]  # the older one is gone
+    assert read_latest(ckpt)["batch"] == 1
+    # A non-finite weight never becomes the latest checkpoint.
+    with torch.no_grad():
+        handle.bypass.w2[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="w2 has non-finite values; the last good checkpoint is kept"):
+        save_checkpoint(handle, ckpt, 2, {}, run)
+    assert read_latest(ckpt)["batch"] == 1
+    handle.remove()
+
+    torch.manual_seed(0)
+    fresh = apply_memoe(model, MEMoEConfig(layer=1, impl="reference", top_k=2, gate_bias=True), tokenizer)
+    got = load_checkpoint(fresh, ckpt, run)
+    assert got == {"batch": 1, "state": {"losses": [[1.0], [0.5]]}}
+    assert all(torch.equal(fresh.bypass.bypass_parameters()[k], v) for k, v in saved.items())
+    assert fresh.bank.subjects == ["France", "Barack Obama", "Paris"]
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    other = run_fingerprint(handle.config.to_dict(), [{"prompt": "p", "target": "u"}])
+    with pytest.raises(ValueError, match="another run"):
+        load_checkpoint(fresh, ckpt, other)
