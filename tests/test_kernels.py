@@ -114,7 +114,8 @@ def test_gate_launcher_and_routing():
     # The gate launcher alone: probs, top-k, renormalised weights and the per-expert counts/offsets.
     tensors, options = make_moe_inputs(37, 13, 19, 5, noise=True, router_bias=True)
     x, anchor, router, bias = (tensors[k].detach() for k in ("x", "anchor", "router_weight", "router_bias"))
-    probs, weights, experts, counts = gate_fwd(x, anchor, options["seq_idx"], router, 2, options["noise"], True, bias)
+    gate = gate_fwd(x, anchor, options["seq_idx"], router, 2, options["noise"], True, bias)
+    probs, weights, experts, counts = gate.probs, gate.weights, gate.experts, gate.counts
     rw, re, rp = gate_topk_reference(x, anchor, options["seq_idx"], router, 2, options["noise"], True, bias)
     assert torch.equal(experts, re)
     assert_close("probs", probs, rp, *FP32)
