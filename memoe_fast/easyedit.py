@@ -39,7 +39,8 @@ class MEMoEHyperParams:
     Face id), ``layers`` (a list with the one block whose MLP gets the bypass, EasyEdit style; an int
     is accepted). Optional: ``device`` (``"cpu"``, ``"cuda"``, an int GPU index; used by
     :func:`load_model_for`, the edit runs where the given model is), ``editor``
-    (``"fast"`` or ``"reference"``), ``mode`` (``"batch"`` / ``"sequential"``) with ``batch_size``, and
+    (``"fast"`` or ``"reference"``), ``mode`` (``"batch"`` / ``"sequential"``) with ``batch_size``,
+    EasyEdit's own ``max_length``, ``model_parallel`` and ``fp16`` (read by EasyEdit, not here), and
     every :class:`MEMoEConfig` field (``num_experts``, ``top_k``, ``lr``, ``steps`` or EasyEdit's
     ``num_steps``, ``scope`` for ``anchor_scope``, ``scale``, ``expert_activation``, ...). Unknown keys
     and missing ones are errors naming them.
@@ -52,10 +53,15 @@ class MEMoEHyperParams:
     editor: str = "fast"
     mode: str = "batch"
     batch_size: int | None = None
+    # Read by EasyEdit's own editor and evaluation, not by this library.
+    max_length: int = 40
+    model_parallel: bool = False
+    fp16: bool = False
     config: dict = field(default_factory=dict)  # MEMoEConfig overrides, by MEMoEConfig's names
 
     REQUIRED = ("alg_name", "model_name", "layers")
-    OWN = ("alg_name", "model_name", "layers", "device", "editor", "mode", "batch_size")
+    OWN = ("alg_name", "model_name", "layers", "device", "editor", "mode", "batch_size", "max_length",
+           "model_parallel", "fp16")
 
     def __post_init__(self):
         where = "MEMoEHyperParams"
@@ -72,6 +78,11 @@ class MEMoEHyperParams:
             raise ValueError(f"{where}: editor must be 'fast' or 'reference', got {self.editor!r}")
         if self.mode not in ("batch", "sequential"):
             raise ValueError(f"{where}: mode must be 'batch' or 'sequential', got {self.mode!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"{where}: max_length must be a positive integer, got {self.max_length!r}")
+        for name in ("model_parallel", "fp16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{where}: {name} must be true or false, got {getattr(self, name)!r}")
         if self.mode == "sequential" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"{where}: mode 'sequential' needs batch_size >= 1, got {self.batch_size!r}")
         self.to_config()  # every MEMoEConfig value is checked now, not at the first edit

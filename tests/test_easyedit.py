@@ -166,3 +166,12 @@ def test_easyedit_copy_and_sequential_calls(embedded, tmp_path):
     assert restore3.handle is not restore.handle and restore3.handle.bank.subjects == ["Eiffel Tower"]
     restore3()
     assert not isinstance(transformer_blocks(edited)[layer].mlp, MEMoEBypass)
+
+
+def test_hparams_easyedit_fields(tmp_path):
+    hp = MEMoEHyperParams.from_hparams(SMOLLM2_YAML)
+    assert (hp.max_length, hp.model_parallel, hp.fp16, hp.torch_device) == (40, False, False, "cpu")
+    assert MEMoEHyperParams.from_dict({"alg_name": "MEMoE", "model_name": "m", "layers": [1], "device": 0}).torch_device == "cuda:0"
+    for change, message in (({"max_length": 0}, "max_length"), ({"fp16": "no"}, "fp16 must be true or false")):
+        with pytest.raises(ValueError, match=message):
+            MEMoEHyperParams.from_hparams(_hparams_file(tmp_path, **change))
