@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -115,8 +115,8 @@ class MEMoEHandle:
             self.bypass._pending = before
 
     def _auto_anchor(self, module, args, kwargs):
-        if self.bypass.pending_anchors is not None:
-            return None  # the caller's anchors: never overwritten
+        if self.bypass.pending_anchors is not None or not self.bypass.enabled:
+            return None  # the caller's anchors are never overwritten; a disabled bypass needs none
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers v4 / v5 names
         past = 0
@@ -132,7 +132,7 @@ class MEMoEHandle:
                 raise RuntimeError("decode step without the anchors of its prompt: start generation from the prompt")
             self.bypass.set_anchors(last.vectors, last.scope)
             return None
-        if self.anchor_mode == "manual" or not self.bypass.enabled:
+        if self.anchor_mode == "manual":
             return None
         if input_ids is None:
             raise RuntimeError("MEMoE needs the input text for its anchors: call the model with input_ids, "

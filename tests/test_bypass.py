@@ -317,3 +317,16 @@ def test_manual_generation_keeps_the_callers_prompt_anchors(tiny_model, tokenize
     hook.remove()
     assert len(seen) == 3 and all(torch.equal(a, mine) for a in seen)
     assert handle.bypass.pending_anchors is None
+
+
+def test_disabled_generation_needs_no_anchors(tiny_model, tokenizer):
+    """With the bypass off, generation runs for any batch, before or after edited forwards."""
+    handle = apply_memoe(tiny_model, MEMoEConfig(layer=1, impl="reference", anchor_scope=False), tokenizer)
+    enc = _inputs(tokenizer)
+    one = tokenizer(["The capital of France is"], return_tensors="pt")
+    tiny_model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with handle.disabled():
+        out = tiny_model.generate(**one, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    handle.remove()
+    base = tiny_model.generate(**one, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(out, base)
