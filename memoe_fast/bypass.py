@@ -105,7 +105,8 @@ class MEMoEBypass(nn.Module):
 
     State dicts: ``state_dict()`` is PyTorch's, with the frozen host under ``base_layer.*`` (so a model
     holding the bypass saves whole); :meth:`bypass_state_dict` has only the tensors above (what an edit
-    saves). ``load_state_dict`` takes either, a bypass-only one leaving the host as it is, and after
+    saves). ``load_state_dict`` takes either, a bypass-only one leaving the host as it is, one naming
+    the host's tensors as the unedited model does (``gate_proj.weight``, no ``base_layer.``), and after
     :meth:`from_modules` also the ported adapter's own checkpoint, translated by :meth:`key_map`.
 
     Args:
@@ -487,8 +488,15 @@ class MEMoEBypass(nn.Module):
             for name, p in self.bypass_parameters().items():
                 state_dict.setdefault(prefix + name, p.detach())
         if not any(k.startswith(prefix + "base_layer.") for k in state_dict):
-            for k, v in self.base_layer.state_dict(prefix=prefix + "base_layer.", keep_vars=True).items():
-                state_dict[k] = v.detach() if isinstance(v, torch.Tensor) else v
+            host = self.base_layer.state_dict(keep_vars=True)
+            if any(prefix + k in state_dict for k in host):
+                # The unedited model's checkpoint names the host MLP's tensors without base_layer.
+                for k in host:
+                    if prefix + k in state_dict:
+                        state_dict[prefix + "base_layer." + k] = state_dict.pop(prefix + k)
+            else:
+                for k, v in host.items():
+                    state_dict[prefix + "base_layer." + k] = v.detach() if isinstance(v, torch.Tensor) else v
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

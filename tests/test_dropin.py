@@ -407,3 +407,24 @@ def test_expert_activation_on_every_host(tiny_model, activation):
         handle.set_impl("reference")
         assert_close("logits", fast, tiny_model(input_ids=ids).logits, *TOLERANCES[torch.float32])
     assert not torch.allclose(fast, base)
+
+
+def test_unedited_model_checkpoint_loads_into_the_edited_model(tiny_model):
+    """model.load_state_dict(the unedited model's state dict) reaches the host MLP under the bypass and
+    leaves the bypass as it is."""
+    base_sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    handle = apply_memoe(tiny_model, MEMoEConfig(layer=1, anchor_scope=False))
+    bypass_before = {k: v.clone() for k, v in handle.bypass.bypass_state_dict().items()}
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.mul_(0.5)
+    missing, unexpected = tiny_model.load_state_dict(base_sd, strict=False)
+    assert not unexpected and all("mlp.w" in k or "mlp.b" in k for k in missing), (missing, unexpected)
+    for k, v in transformer_blocks(tiny_model)[1].mlp.base_layer.state_dict().items():
+        assert torch.equal(v, base_sd[f"{_mlp_prefix(tiny_model)}.{k}"]), k
+    for k, v in handle.bypass.bypass_state_dict().items():
+        assert torch.equal(v, bypass_before[k] * 0.5), k  # untouched by the load (only by the scaling)
+
+
+def _mlp_prefix(model):
+    return "model.layers.1.mlp" if hasattr(model, "model") else "transformer.h.1.mlp"
