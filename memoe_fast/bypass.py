@@ -268,6 +268,12 @@ class MEMoEBypass(nn.Module):
         experts see when ``config.anchor_scope`` is on (None: all)."""
         return self.add_to(x, self.base_layer(x), anchors=anchors, scope=scope, token_seq=token_seq)
 
+    def moe_output(self, x: torch.Tensor, anchors: torch.Tensor | None = None, scope: torch.Tensor | None = None,
+                   token_seq: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' term alone, ``λ·s·Σ g_e·expert_e(x)`` (what a separate MoE adapter's
+        ``forward(x, anchor)`` returns); anchors as in :meth:`forward`."""
+        return self.add_to(x, torch.zeros_like(x), anchors=anchors, scope=scope, token_seq=token_seq)
+
     def add_to(self, x: torch.Tensor, out: torch.Tensor, anchors: torch.Tensor | None = None,
                scope: torch.Tensor | None = None, token_seq: torch.Tensor | None = None) -> torch.Tensor:
         """``out`` plus the bypass's output for the host input ``x`` (``forward(x) = add_to(x, host(x))``).

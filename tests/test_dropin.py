@@ -168,6 +168,8 @@ def test_ported_adapter_matches_outputs_and_gradients(case):
     theirs = host(xb) + adapter(xb, anchors)
     exact = case["top_k"] == 1 and case["order"] == "x_anchor"
     _exact_or_close("out", ours, theirs, exact or case["top_k"] == 1)
+    with torch.no_grad():  # the adapter's own forward(x, anchor), swapped in one line
+        _exact_or_close("moe_output", bypass.moe_output(x, anchors), adapter(x, anchors), exact or case["top_k"] == 1)
     grad_out = torch.randn_like(ours)
     ours.backward(grad_out)
     theirs.backward(grad_out)
