@@ -63,8 +63,9 @@ def make_step(provider: str, tokens: int, hidden: int, ffn: int, experts: int, t
 
     def step():
         host_out = llama_mlp(x, *host)
-        out, probs, chosen = moe_bypass(x, anchors, seq_idx, w_gate, w1, w2, w3, top_k=top_k, renormalize=True,
-                                        activation="silu_glu", host_out=host_out, impl=provider)
+        out, probs, chosen = moe_bypass(x, anchors, seq_idx, router_weight=w_gate, gate_proj=w1, up_proj=w3,
+                                        down_proj=w2, top_k=top_k, renormalize=True, activation="silu_glu",
+                                        host_out=host_out, impl=provider)
         torch.autograd.backward([out, load_balance_loss(probs, chosen, experts)], [grad_out, None])
     return step
 

@@ -125,7 +125,7 @@ def _grouped_mm_fn():
     return fn
 
 
-def grouped_mm_bypass(x, anchor, seq_idx, w_gate, w1, w2, w3, top_k, host_out, **_):
+def grouped_mm_bypass(x, anchor, seq_idx, router_weight, gate_proj, up_proj, down_proj, top_k, host_out, **_):
     """Expert FFN by torch's grouped GEMM (``F.grouped_mm`` / ``torch._grouped_mm``): gate by torch,
     slots sorted by expert, three grouped GEMMs, weighted index_add into the host output."""
     import torch
@@ -134,16 +134,16 @@ def grouped_mm_bypass(x, anchor, seq_idx, w_gate, w1, w2, w3, top_k, host_out, *
     from memoe_fast.ops.torch_path import gate_topk_torch
 
     gmm = _grouped_mm_fn()
-    weights, experts, probs = gate_topk_torch(x, anchor, seq_idx, w_gate, top_k)
+    weights, experts, probs = gate_topk_torch(x, anchor, seq_idx, router_weight, top_k)
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
     tok = order // top_k
-    counts = torch.bincount(flat, minlength=w1.shape[0])
+    counts = torch.bincount(flat, minlength=up_proj.shape[0])
     offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = x.index_select(0, tok)
-    h = gmm(xs, w1.transpose(1, 2), offs=offs)
-    u = gmm(xs, w3.transpose(1, 2), offs=offs)
-    y = gmm(F.silu(h) * u, w2.transpose(1, 2), offs=offs)
+    h = gmm(xs, gate_proj.transpose(1, 2), offs=offs)
+    u = gmm(xs, up_proj.transpose(1, 2), offs=offs)
+    y = gmm(F.silu(h) * u, down_proj.transpose(1, 2), offs=offs)
     coef = weights.reshape(-1)[order].unsqueeze(1).to(y.dtype)
     out = host_out.index_add(0, tok, y * coef)
     return out, probs, experts
@@ -159,9 +159,10 @@ def make_case(dev, dtype, tokens, hidden, ffn, experts, top_k, seqs=8, anchor=No
         return (torch.randn(*shape, generator=g) * scale).to(dev, dtype)
 
     t = dict(
-        x=rnd(tokens, hidden), anchor=rnd(seqs, anchor), w_gate=rnd(experts, hidden + anchor, scale=(hidden + anchor) ** -0.5),
-        w1=rnd(experts, ffn, hidden, scale=hidden ** -0.5), w2=rnd(experts, hidden, ffn, scale=ffn ** -0.5),
-        w3=rnd(experts, ffn, hidden, scale=hidden ** -0.5), host_out=rnd(tokens, hidden),
+        x=rnd(tokens, hidden), anchor=rnd(seqs, anchor),
+        router_weight=rnd(experts, hidden + anchor, scale=(hidden + anchor) ** -0.5),
+        gate_proj=rnd(experts, ffn, hidden, scale=hidden ** -0.5), down_proj=rnd(experts, hidden, ffn, scale=ffn ** -0.5),
+        up_proj=rnd(experts, ffn, hidden, scale=hidden ** -0.5), host_out=rnd(tokens, hidden),
     )
     for v in t.values():
         v.requires_grad_(True)
@@ -228,7 +229,7 @@ def gate_bandwidth_row(dev, dtype, tokens, hidden, experts, copy_bw, reps):
         row["note"] = f"failed: {type(exc).__name__}: {exc}"
         return row
     t, opts = make_case(dev, dtype, tokens, hidden, 64, experts, 1)
-    x, anchor, w_gate = (t[k].detach() for k in ("x", "anchor", "w_gate"))
+    x, anchor, w_gate = (t[k].detach() for k in ("x", "anchor", "router_weight"))
     ms = _median_ms(lambda: gate_fwd(x, anchor, opts["seq_idx"], w_gate, 1), dev, reps=reps)
     nbytes = x.numel() * x.element_size() + tokens * (8 + experts * 4 + 4 + 8)
     bw = nbytes / (ms * 1e-3) / 1e9

@@ -2,7 +2,9 @@
 from .config import MEMoEConfig
 from .bypass import MEMoEBypass
 from .integration import MEMoEHandle, apply_memoe
+from .easyedit import MEMoEHyperParams, apply_memoe_to_model
 
 __version__ = "0.1.0"
 
-__all__ = ["MEMoEConfig", "MEMoEBypass", "MEMoEHandle", "apply_memoe", "__version__"]
+__all__ = ["MEMoEConfig", "MEMoEBypass", "MEMoEHandle", "MEMoEHyperParams", "apply_memoe", "apply_memoe_to_model",
+           "__version__"]

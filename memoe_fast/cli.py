@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-user-metrics", action="store_true",
                    help="skip the metrics as users meet the model (greedy, same-subject, chat, portability)")
     e.add_argument("--resume", action="store_true",
-                   help="sequential mode: continue from the last batch saved in OUT/checkpoint")
+                   help="sequential mode: continue a stopped run from its last finished batch (OUT/checkpoint)")
     e.add_argument("--replay", action="store_true",
                    help="sequential mode: train each batch together with the earlier edits (no forgetting)")
     e.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto", help="bypass implementation")
@@ -149,7 +149,9 @@ def cmd_edit(args) -> int:
     from .io import atomic_write_json
     from .models import load_model, model_label
     from .ops import resolve_impl
+    from .preflight import preflight
 
+    preflight(args.model, load_in_8bit=args.load_in_8bit)  # every dependency, before any work
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.micro_batch < 1:
@@ -188,7 +190,8 @@ def cmd_edit(args) -> int:
         "impl": resolve_impl(editor.handle.bypass.impl, editor.device), "config": config.to_dict(), "layer": editor.handle.layer,
         "memory": peak_memory_mib(), "versions": _versions(), "device": str(editor.device),
     })
-    editor.handle.save(os.path.join(out, "edits"), extra={"model": args.model, "load_in_8bit": args.load_in_8bit})
+    editor.handle.save(os.path.join(out, "edits"), extra={"model": args.model, "load_in_8bit": args.load_in_8bit},
+                       requests=requests)
     atomic_write_json(os.path.join(out, "results.json"), result)
     print(format_table(result))
     print(f"wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'edits')}")
@@ -201,8 +204,10 @@ def cmd_generate(args) -> int:
     from .config import MEMoEConfig
     from .integration import apply_memoe, read_edit_meta
     from .models import load_model
+    from .preflight import preflight
 
     meta = read_edit_meta(args.edits)
+    preflight(args.model or meta.get("model", "smollm2"), load_in_8bit=bool(meta.get("load_in_8bit")))
     model, tokenizer = load_model(args.model or meta.get("model", "smollm2"),
                                   load_in_8bit=bool(meta.get("load_in_8bit")), device=args.device)
     config = MEMoEConfig.from_dict(meta["config"])

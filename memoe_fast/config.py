@@ -10,6 +10,7 @@ ANCHOR_POOLINGS = ("canonical", "positions")
 LR_SCHEDULES = ("cosine", "constant")
 BYPASS_POSITIONS = ("all", "after_subject")
 SEQUENTIAL_EXPERTS = ("shared", "per_batch")
+EXPERT_ACTIVATIONS = ("host", "silu_glu", "gelu", "gelu_tanh", "relu")
 
 
 @dataclass
@@ -27,6 +28,9 @@ class MEMoEConfig:
     scale: float = 1.0  # λ in out = mlp(x) + λ·Σ g_e·expert_e(x)
     renormalize: bool = True  # renormalise the top-k gate weights to sum to one
     expert_init: str = "copy_zero_down"  # experts copy the host's first projection(s); down-projections start at zero
+    expert_activation: str = "host"  # "host" (the host MLP's) | "silu_glu" | "gelu" | "gelu_tanh" | "relu"
+    gate_bias: bool = False  # a bias on the gate's logits (starts at zero)
+    expert_ffn: int | None = None  # the experts' hidden width F; None: the host MLP's
     gate_noise: float = 0.0  # std of Gaussian noise added to the gate logits while training
     # Switch-style load-balancing loss weight. Off by default: with top-1 renormalised routing it is the
     # gate's only gradient, and moving the gate mid-edit moves tokens between experts (the loss jumps).
@@ -72,6 +76,10 @@ class MEMoEConfig:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.expert_init not in EXPERT_INITS:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
+        if self.expert_activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(f"expert_activation must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}")
+        if self.expert_ffn is not None and self.expert_ffn < 1:
+            raise ValueError(f"expert_ffn must be None or >= 1, got {self.expert_ffn}")
         if self.anchor_pooling not in ANCHOR_POOLINGS:
             raise ValueError(f"anchor_pooling must be one of {ANCHOR_POOLINGS}, got {self.anchor_pooling!r}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -224,6 +224,13 @@ def _counterfact_easyedit(rec: _Record) -> EditRequest | None:
     if (loc is None) != (loc_ans is None):
         given, lacking = ("locality_prompt", "locality_ground_truth") if loc else ("locality_ground_truth", "locality_prompt")
         raise DataFormatError(f"{rec.where}: field '{given}' is given without '{lacking}'")
+    nested = _nested_locality(rec)
+    if nested is not None:
+        if loc is not None:
+            raise DataFormatError(f"{rec.where}: field 'locality' and field 'locality_prompt' both give the "
+                                  "locality prompt; keep one")
+        loc, loc_ans = nested
+    rec.optional_object("portability")
     ground_truth, case_id = rec.text("ground_truth", required=False), rec.case_id()
     if target is None:
         return None
@@ -231,6 +238,25 @@ def _counterfact_easyedit(rec: _Record) -> EditRequest | None:
         prompt=prompt, target=target, subject=subject, rephrase=[rephrase] if rephrase else [],
         locality_prompt=loc, locality_answer=loc_ans, ground_truth=ground_truth, case_id=case_id,
     )
+
+
+def _nested_locality(rec: _Record) -> tuple[str, str] | None:
+    """EasyEdit's request layout ``{"locality": {"neighborhood": {"prompt": ..., "ground_truth": ...}}}``:
+    the first named entry gives the locality prompt and answer (a request holds one; the others are
+    named in a warning)."""
+    if rec.obj.get("locality") is None:
+        return None
+    rec.optional_object("locality")
+    entries = rec.obj["locality"]
+    if not entries:
+        return None
+    names = list(entries)
+    first = rec.nested("locality").nested(names[0])
+    pair = first.text("prompt"), first.text("ground_truth")
+    if len(names) > 1:
+        warnings.warn(f"field 'locality' has entries {names}; a request keeps one, '{names[0]}' is used",
+                      stacklevel=5)
+    return pair
 
 
 def _counterfact_rome(rec: _Record) -> EditRequest | None:
@@ -261,8 +287,10 @@ def load_counterfact(path: str | os.PathLike, n: int | None = None) -> list[Edit
 
     **EasyEdit** (``counterfact-edit.json``, ``counterfact-val.json``): required ``prompt``,
     ``target_new``, ``subject``; optional ``rephrase_prompt``, ``ground_truth``, ``case_id`` (int or
-    string), and ``locality_prompt`` with ``locality_ground_truth`` (both or neither). The fields map
-    one to one (rephrase=[rephrase_prompt]).
+    string), and ``locality_prompt`` with ``locality_ground_truth`` (both or neither) or EasyEdit's
+    nested request layout ``locality: {name: {prompt, ground_truth}}`` (the first entry is used; not
+    both layouts); ``portability`` (object, accepted and not used). The fields map one to one
+    (rephrase=[rephrase_prompt]).
 
     **ROME/MEMIT** (``counterfact.json``; a record has ``requested_rewrite``): required
     ``requested_rewrite`` {``prompt`` with exactly one ``{}`` placeholder for the subject, ``subject``,

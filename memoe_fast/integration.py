@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 
@@ -13,7 +15,7 @@ from .bypass import MEMoEBypass
 from .config import MEMoEConfig
 from .io import atomic_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the backbone, the host fingerprint, shapes, versions and requests; 1 still loads
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -37,25 +39,48 @@ def resolve_layer(model: nn.Module, layer: int | None) -> int:
     return idx
 
 
+ANCHOR_MODES = ("auto", "manual")
+
+
+def resolve_anchor_mode(anchor_mode: str | None, has_tokenizer: bool) -> str:
+    if anchor_mode is None:
+        return "auto" if has_tokenizer else "manual"
+    if anchor_mode not in ANCHOR_MODES:
+        raise ValueError(f"anchor_mode must be one of {ANCHOR_MODES}, got {anchor_mode!r}")
+    if anchor_mode == "auto" and not has_tokenizer:
+        raise ValueError("anchor_mode='auto' computes anchors from text and needs tokenizer=; "
+                         "without one use anchor_mode='manual' and give anchors yourself")
+    return anchor_mode
+
+
 class MEMoEHandle:
     """What :func:`apply_memoe` returns: the bypass, its anchors, and the way back.
 
-    Anchors are set automatically from ``input_ids`` on every forward of the model that starts a new
-    sequence (no KV cache yet): the ids are decoded to text and turned into anchors by the
-    :class:`AnchorBank`. Decode steps with a KV cache keep the anchors of their prompt. To give anchors
-    yourself (e.g. for teacher-forced scoring of ``prompt + target``, where only the prompt should
-    decide the routing), use ``with handle.anchored(texts, subjects): model(...)``.
+    Anchors, by ``anchor_mode``:
+
+    - ``"auto"`` (the default with a tokenizer): a forward of the model that starts new sequences (no
+      KV cache yet) gets anchors computed from its ``input_ids`` (decoded to text, turned into
+      anchors by the :class:`AnchorBank`), unless the caller gave some.
+    - ``"manual"`` (the default without a tokenizer): anchors come only from the caller.
+
+    In both modes, anchors the caller gave always win and are never overwritten:
+    ``bypass.set_anchors(t)`` before ``model(...)`` (used by that one forward), or
+    ``with handle.anchored(texts, subjects)`` / ``handle.anchored(anchors=...)`` (every forward in the
+    block, e.g. teacher-forced scoring of ``prompt + target`` where only the prompt should decide the
+    routing). Decode steps with a KV cache reuse the anchors of their prompt's forward. A forward
+    without anchors, or with anchors for a different number of sequences, raises.
     """
 
     def __init__(self, model: nn.Module, config: MEMoEConfig, layer: int, bypass: MEMoEBypass,
-                 original: nn.Module, bank: AnchorBank | None):
+                 original: nn.Module, bank: AnchorBank | None, anchor_mode: str | None = None):
         self.model = model
         self.config = config
         self.layer = layer
         self.bypass = bypass
         self.original = original
         self.bank = bank
-        self._pinned = 0
+        self.anchor_mode = resolve_anchor_mode(anchor_mode, bank is not None)
+        self.edited_requests: list = []  # what save() records; editors and apply_memoe_to_model append
         self._hook = model.register_forward_pre_hook(self._auto_anchor, with_kwargs=True)
         self.removed = False
 
@@ -68,6 +93,8 @@ class MEMoEHandle:
 
     def set_anchors(self, texts: list[str], subjects: list[str | None] | None = None, input_ids=None,
                     attention_mask=None) -> Anchors:
+        """Anchors from text for the next forward (one forward; see :meth:`MEMoEBypass.set_anchors`);
+        with ``input_ids`` (and ``attention_mask``) also the tokens the experts act on."""
         anchors = self.compute_anchors(texts, subjects)
         mask = None if input_ids is None else self.token_mask(anchors, input_ids, attention_mask)
         self.bypass.set_anchors(anchors.vectors, anchors.scope, token_mask=mask, route=self._route(anchors))
@@ -98,26 +125,31 @@ class MEMoEHandle:
         return (real & (rank >= torch.tensor(starts).unsqueeze(1))).reshape(-1)
 
     @contextlib.contextmanager
-    def anchored(self, texts: list[str] | None = None, subjects=None, anchors: Anchors | None = None,
-                 token_seq=None, input_ids=None, attention_mask=None, token_mask=None):
-        """Fix the anchors for the forwards inside the block (from texts, or precomputed ``anchors``);
-        ``token_seq`` for packed inputs (see :meth:`MEMoEBypass.set_anchors`). With
+    def anchored(self, texts: list[str] | None = None, subjects=None, anchors: Anchors | torch.Tensor | None = None,
+                 token_seq=None, scope: torch.Tensor | None = None, input_ids=None, attention_mask=None,
+                 token_mask=None):
+        """Pin the anchors for every forward inside the block (from texts, precomputed ``anchors``, or a
+        ``(S, A)`` tensor with an optional ``scope``); ``token_seq`` for packed inputs (see
+        :meth:`MEMoEBypass.set_anchors`). The anchors set before the block come back after it. With
         ``bypass_positions="after_subject"`` give the padded ``input_ids`` (and ``attention_mask``) the
-        forwards will see, or a ready ``token_mask``, so the bypass acts after the subject only."""
-        anchors = anchors if anchors is not None else self.compute_anchors(texts, subjects)
+        forwards will see, or a ready ``token_mask``, so the experts act after the subject only."""
+        if anchors is None:
+            anchors = self.compute_anchors(texts, subjects)
+        elif isinstance(anchors, torch.Tensor):
+            anchors = Anchors(anchors, scope, [[] for _ in range(anchors.shape[0])])
         if token_mask is None and input_ids is not None:
             token_mask = self.token_mask(anchors, input_ids, attention_mask)
-        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq, token_mask=token_mask,
+        before = self.bypass.pending_anchors
+        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq, pin=True, token_mask=token_mask,
                                 route=self._route(anchors))
-        self._pinned += 1
         try:
             yield anchors
         finally:
-            self._pinned -= 1
+            self.bypass._pending = before
 
     def _auto_anchor(self, module, args, kwargs):
-        if self._pinned or not self.bypass.enabled:
-            return None
+        if self.bypass.pending_anchors is not None or not self.bypass.enabled:
+            return None  # the caller's anchors are never overwritten; a disabled bypass needs none
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers v4 / v5 names
         past = 0
@@ -127,10 +159,14 @@ class MEMoEHandle:
         if input_ids is not None and mask is not None and mask.shape[-1] != input_ids.shape[-1]:
             past = max(past, mask.shape[-1] - input_ids.shape[-1])
         if past > 0:
-            anchor = self.bypass._anchor
-            if anchor is None or input_ids is None or anchor.shape[0] != input_ids.shape[0]:
+            last = self.bypass.last_anchors
+            batch = input_ids.shape[0] if input_ids is not None else None
+            if last is None or last.token_seq is not None or (batch is not None and last.vectors.shape[0] != batch):
                 raise RuntimeError("decode step without the anchors of its prompt: start generation from the prompt")
-            self.bypass._token_mask = None  # every generated token comes after its prompt's subject
+            # Every generated token comes after its prompt's subject: no token mask; the routes stay.
+            self.bypass.set_anchors(last.vectors, last.scope, route=last.route)
+            return None
+        if self.anchor_mode == "manual":
             return None
         if input_ids is None:
             raise RuntimeError("MEMoE needs the input text for its anchors: call the model with input_ids, "
@@ -139,7 +175,7 @@ class MEMoEHandle:
         for i in range(input_ids.shape[0]):
             ids = input_ids[i] if mask is None else input_ids[i][mask[i].bool()]
             texts.append(self.bank.tokenizer.decode(ids.tolist(), skip_special_tokens=True,
-                                                    clean_up_tokenization_spaces=False) if self.bank else "")
+                                                    clean_up_tokenization_spaces=False))
         self.set_anchors(texts, input_ids=input_ids, attention_mask=mask)
         return None
 
@@ -180,30 +216,74 @@ class MEMoEHandle:
         return self.model
 
     # Saving.
-    def save(self, path: str, extra: dict | None = None) -> None:
-        """Write ``bypass.safetensors`` and ``memoe.json`` into ``path`` atomically."""
+    def save(self, path: str, extra: dict | None = None, requests=None) -> None:
+        """Write ``bypass.safetensors`` and ``memoe.json`` into ``path`` atomically (no pickle).
+
+        ``memoe.json`` records what the edit belongs to and holds: the config and block, the edited
+        subjects, the backbone (:func:`backbone_info`), a fingerprint of the host block's weights
+        (:func:`host_fingerprint`), every tensor's shape and dtype, the library version, and the edited
+        requests (``requests``, else :attr:`edited_requests`: dataclasses or dicts)."""
         from safetensors.torch import save_file
 
+        from . import __version__
+
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.bypass.bypass_parameters().items()}
+        reqs = self.edited_requests if requests is None else list(requests)
         meta = {
             "format_version": FORMAT_VERSION,
+            "library_version": __version__,
             "config": self.config.to_dict(),
             "layer": self.layer,
             "subjects": list(self.bank.subjects) if self.bank else [],
             "subject_owners": self.bank._owner.tolist() if self.bank else [],
             "num_experts": self.bypass.num_experts,
+            "backbone": backbone_info(self.model),
+            "host_fingerprint": host_fingerprint(self.original),
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
+            "requests": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in reqs],
             **(extra or {}),
         }
+        text = json.dumps(meta, indent=2)  # fails here, before anything is written, on a non-JSON value
         with atomic_dir(path) as tmp:
             save_file(tensors, os.path.join(tmp, "bypass.safetensors"))
             with open(os.path.join(tmp, "memoe.json"), "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2)
+                f.write(text)
+
+    def check_compatible(self, meta: dict, path: str = "edits") -> None:
+        """Raise ``ValueError`` naming what differs when the edit in ``meta`` was made on another backbone
+        or block (the block index, the host weights' fingerprint, tensor shapes)."""
+        if meta.get("layer") is not None and meta["layer"] != self.layer:
+            raise ValueError(f"{path}: the edit is for block {meta['layer']}, this bypass is in block {self.layer}")
+        saved = meta.get("host_fingerprint")
+        if saved is not None:
+            here = host_fingerprint(self.original)
+            diffs = [k for k in ("shapes", "dtypes") if saved.get(k) != here.get(k)]
+            if diffs or saved.get("sha256") != here.get("sha256"):
+                what = {"shapes": f"shapes {saved.get('shapes')} vs {here.get('shapes')}",
+                        "dtypes": f"dtypes {saved.get('dtypes')} vs {here.get('dtypes')}"}
+                detail = "; ".join(what[d] for d in diffs) or (
+                    f"sha256 {saved.get('sha256', '')[:12]} vs {here['sha256'][:12]}")
+                src = meta.get("backbone", {}).get("name_or_path") or meta.get("model") or "?"
+                raise ValueError(
+                    f"{path}: made on another backbone: block {self.layer}'s MLP weights differ ({detail}); saved "
+                    f"from {src!r}, this model is {backbone_info(self.model)['name_or_path']!r}")
+        experts = int(meta.get("num_experts", self.bypass.num_experts))
+        for name, info in (meta.get("tensors") or {}).items():
+            p = self.bypass.bypass_parameters().get(name)
+            # Lifelong editing may have grown the expert set (the first dimension); the rest must match.
+            if p is not None and (list(p.shape[1:]) != info["shape"][1:] or info["shape"][0] != max(experts, p.shape[0])):
+                raise ValueError(f"{path}: tensor {name!r} was saved with shape {tuple(info['shape'])}, "
+                                 f"this bypass has {tuple(p.shape)}")
 
     def load_weights(self, path: str) -> dict:
-        """Load bypass weights and subjects saved by :meth:`save`; returns the saved metadata."""
+        """Load bypass weights and subjects saved by :meth:`save`; returns the saved metadata.
+
+        Refuses (``ValueError`` naming what differs) an edit made on another backbone, before any
+        tensor is touched; every tensor (experts, biases, gate) is restored."""
         from safetensors.torch import load_file
 
         meta = read_edit_meta(path)
+        self.check_compatible(meta, path)
         tensors = load_file(os.path.join(path, "bypass.safetensors"))
         extra = int(meta.get("num_experts", self.bypass.num_experts)) - self.bypass.num_experts
         if extra > 0:  # lifelong editing grew the expert set
@@ -211,15 +291,44 @@ class MEMoEHandle:
         params = self.bypass.bypass_parameters()
         if set(tensors) != set(params):
             raise ValueError(f"{path}: bypass tensors {sorted(tensors)} do not match this model's {sorted(params)}")
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
         with torch.no_grad():
             for name, p in params.items():
-                if tensors[name].shape != p.shape:
-                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
                 p.copy_(tensors[name])
         owners = meta.get("subject_owners") or [-1] * len(meta.get("subjects", []))
         for owner in dict.fromkeys(owners):  # one call per owner: the subject pattern is rebuilt per call
             self.add_subjects([s for s, o in zip(meta.get("subjects", []), owners) if o == owner], int(owner))
+        self.edited_requests.extend(meta.get("requests", []))
         return meta
+
+
+def backbone_info(model: nn.Module) -> dict:
+    """What names the backbone: its ``name_or_path``, model type, block count and hidden size."""
+    cfg = getattr(model, "config", None)
+    return {
+        "name_or_path": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
+        "model_type": getattr(cfg, "model_type", None),
+        "num_blocks": len(transformer_blocks(model)),
+        "hidden_size": model.get_input_embeddings().weight.shape[1],
+    }
+
+
+def host_fingerprint(mlp: nn.Module) -> dict:
+    """sha256 over the host MLP's tensors (names, dtypes, shapes and bytes, in name order), with the
+    shapes and dtypes in the clear so that a mismatch can say what differs."""
+    h = hashlib.sha256()
+    shapes, dtypes = {}, {}
+    for name, t in sorted(mlp.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        shapes[name], dtypes[name] = list(t.shape), str(t.dtype).replace("torch.", "")
+        h.update(f"{name}|{dtypes[name]}|{shapes[name]}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return {"sha256": h.hexdigest(), "shapes": shapes, "dtypes": dtypes}
 
 
 def read_edit_meta(path: str) -> dict:
@@ -228,12 +337,13 @@ def read_edit_meta(path: str) -> dict:
         raise FileNotFoundError(f"{path}: not a saved MEMoE edit (expected memoe.json and bypass.safetensors)")
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
     return meta
 
 
-def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=None, nlp=None) -> MEMoEHandle:
+def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=None, nlp=None,
+                anchor_mode: str | None = None, bypass: MEMoEBypass | None = None) -> MEMoEHandle:
     """Wrap the MLP of block ``config.layer`` with a :class:`MEMoEBypass`; freeze everything else.
 
     Args:
@@ -241,6 +351,11 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
         config: :class:`MEMoEConfig` (defaults when None).
         tokenizer: the model's tokenizer, needed to compute anchors from text.
         nlp: an optional spaCy pipeline (the small English model is loaded lazily otherwise).
+        anchor_mode: ``"auto"`` (anchors from the input text; needs ``tokenizer``) or ``"manual"``
+            (only the caller's anchors); None picks ``"auto"`` when a tokenizer is given.
+        bypass: a ready :class:`MEMoEBypass` around this block's MLP (e.g. from
+            :meth:`MEMoEBypass.from_modules`) to put in place instead of a new one; ``config`` then
+            only chooses the block (None: the bypass's own config).
 
     Returns:
         a :class:`MEMoEHandle`; ``handle.remove()`` puts the original MLP back.
@@ -251,7 +366,8 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
         out = model.generate(**tokenizer("The capital of France is", return_tensors="pt"))
         handle.remove()
     """
-    config = config or MEMoEConfig()
+    config = config or (bypass.config if bypass is not None else MEMoEConfig())
+    anchor_mode = resolve_anchor_mode(anchor_mode, tokenizer is not None)
     for p in model.parameters():
         p.requires_grad_(False)
     layer = resolve_layer(model, config.layer)
@@ -260,10 +376,18 @@ def apply_memoe(model: nn.Module, config: MEMoEConfig | None = None, tokenizer=N
     if isinstance(original, MEMoEBypass):
         raise RuntimeError(f"block {layer} already has a MEMoE bypass; remove it first")
     embedding = model.get_input_embeddings()
-    bypass = MEMoEBypass(original, config, anchor_dim=embedding.weight.shape[1])
+    if bypass is None:
+        bypass = MEMoEBypass(original, config, anchor_dim=embedding.weight.shape[1])
+    elif bypass.base_layer is not original:
+        raise ValueError(f"the given bypass wraps another module than block {layer}'s MLP")
+    elif tokenizer is not None and bypass.anchor_dim != embedding.weight.shape[1]:
+        raise ValueError(f"the given bypass reads anchors of width {bypass.anchor_dim}, but anchors from text have "
+                         f"the embedding width {embedding.weight.shape[1]}; use anchor_mode='manual' without a tokenizer")
+    else:
+        bypass.config = config = dataclasses.replace(bypass.config, layer=layer)
     bypass.train(model.training)  # a new module starts in training mode; follow the host model
     block.mlp = bypass
     bank = None
     if tokenizer is not None:
         bank = AnchorBank(tokenizer, embedding, config.anchor_pooling, config.scope_threshold, nlp=nlp)
-    return MEMoEHandle(model, config, layer, bypass, original, bank)
+    return MEMoEHandle(model, config, layer, bypass, original, bank, anchor_mode)

@@ -42,42 +42,53 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: 
 
 
 def make_moe_inputs(
-    tokens: int, hidden: int, ffn: int, experts: int, anchor: int = 8, seqs: int = 3, *, glu: bool = True,
+    tokens: int, hidden: int, ffn: int, experts: int, anchor: int = 8, seqs: int = 3, *,
+    activation: str = "silu_glu", expert_bias: bool | None = None, router_bias: bool = False,
     dtype: torch.dtype = torch.float32, dev: torch.device | None = None, token_scale: bool = False,
     noise: bool = False, host_out: bool = False, route: str = "random", seed: int = 0,
 ) -> tuple[dict, dict]:
     """Small random bypass-MoE inputs: ``(tensors, options)`` for ``moe_bypass*(**tensors, **options)``.
 
-    ``tensors`` are the differentiable leaves (requires_grad set); ``options`` the rest. ``route``:
-    ``"random"``; ``"one"`` sends every token to expert 0; ``"skip_last"`` leaves the last expert empty.
+    ``tensors`` are the differentiable leaves (requires_grad set); ``options`` the rest (``top_k`` is the
+    caller's). ``expert_bias`` (default: on for the 2-layer experts, off for ``silu_glu``) adds every
+    expert bias; ``router_bias`` the gate's. ``route``: ``"random"``; ``"one"`` sends every token to
+    expert 0; ``"skip_last"`` leaves the last expert empty.
     """
     dev = dev or device()
     g = torch.Generator().manual_seed(seed)
+    glu = activation == "silu_glu"
+    if expert_bias is None:
+        expert_bias = not glu
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(dev, dtype)
 
     anchors = rnd(seqs, anchor)
-    w_gate = rnd(experts, hidden + anchor, scale=0.5)
+    router = rnd(experts, hidden + anchor, scale=0.5)
     if route != "random":
-        # Anchors of ones and a dominant anchor column make one logit win (or one lose) for every token.
+        # Anchors of ones and a dominant anchor column make one logit win (or one lose) for every token,
+        # by a margin of about 4 (p ~ 0.95, not 1 - 1e-9), so that the gate's gradients stay measurable.
         anchors = torch.ones(seqs, anchor, device=dev, dtype=dtype)
-        w_gate[:, :hidden] *= 0.01
-        w_gate[0 if route == "one" else -1, hidden:] = 3.0 if route == "one" else -3.0
+        router[:, :hidden] *= 0.01
+        router[:, hidden:] *= 0.1
+        router[0 if route == "one" else -1, hidden:] = (0.6 if route == "one" else -0.6)
     t = dict(
-        x=rnd(tokens, hidden), anchor=anchors, w_gate=w_gate,
-        w1=rnd(experts, ffn, hidden, scale=hidden ** -0.5), w2=rnd(experts, hidden, ffn, scale=ffn ** -0.5),
+        x=rnd(tokens, hidden), anchor=anchors, router_weight=router,
+        up_proj=rnd(experts, ffn, hidden, scale=hidden ** -0.5), down_proj=rnd(experts, hidden, ffn, scale=ffn ** -0.5),
     )
     if glu:
-        t["w3"] = rnd(experts, ffn, hidden, scale=hidden ** -0.5)
-    else:
-        t["b1"], t["b2"] = rnd(experts, ffn, scale=0.1), rnd(experts, hidden, scale=0.1)
+        t["gate_proj"] = rnd(experts, ffn, hidden, scale=hidden ** -0.5)
+    if expert_bias:
+        t["up_bias"], t["down_bias"] = rnd(experts, ffn, scale=0.1), rnd(experts, hidden, scale=0.1)
+        if glu:
+            t["gate_bias"] = rnd(experts, ffn, scale=0.1)
+    if router_bias:
+        t["router_bias"] = rnd(experts, scale=0.5)
     if host_out:
         t["host_out"] = rnd(tokens, hidden)
     for v in t.values():
         v.requires_grad_(True)
-    opts = dict(seq_idx=torch.randint(0, seqs, (tokens,), generator=g).to(dev),
-                activation="silu_glu" if glu else "gelu_tanh")
+    opts = dict(seq_idx=torch.randint(0, seqs, (tokens,), generator=g).to(dev), activation=activation)
     if token_scale:
         opts["token_scale"] = torch.rand(tokens, generator=g).to(dev, dtype)
     if noise:
@@ -98,28 +109,46 @@ def moe_outputs_and_grads(fn, tensors: dict, options: dict, seed: int = 1) -> tu
     return {"out": out, "probs": probs, "experts": experts}, grads
 
 
-# Edge cases shared by the kernel and the CPU-path tests (BLOCK_M = 16 under the interpreter):
-# (id, tokens, hidden, ffn, experts, top_k, glu, route, token_scale, noise, host_out, renormalize)
+def _case(tokens, hidden, ffn, experts, top_k, activation="silu_glu", **kw) -> dict:
+    return dict(tokens=tokens, hidden=hidden, ffn=ffn, experts=experts, top_k=top_k, activation=activation, **kw)
+
+
+# Edge cases shared by the kernel and the CPU-path tests as (id, case); a case is make_moe_inputs'
+# arguments plus top_k and renormalize (default True). BLOCK_M = 16 is the smallest row tile.
 MOE_CASES = [
     # T = 1: one token, one slot; every block is mostly padding.
-    ("T1", 1, 16, 32, 4, 1, True, "random", False, False, True, True),
-    # T smaller than a block (BLOCK_M = 16 under the interpreter); k = 2 takes the atomic combine.
-    ("T5-k2", 5, 16, 32, 4, 2, True, "random", True, True, True, True),
+    ("T1", _case(1, 16, 32, 4, 1, host_out=True)),
+    # T smaller than a block; k = 2 takes the atomic combine.
+    ("T5-k2", _case(5, 16, 32, 4, 2, token_scale=True, noise=True, host_out=True)),
     # Odd D and F (masked K and N tails), prime E = 5, k = 1 (plain-store combine).
-    ("odd-E5-k1", 37, 13, 19, 5, 1, True, "random", True, False, True, True),
+    ("odd-E5-k1", _case(37, 13, 19, 5, 1, token_scale=True, host_out=True)),
     # k = E: every expert sees every token.
-    ("kE-E5", 23, 13, 19, 5, 5, True, "random", False, True, False, True),
+    ("kE-E5", _case(23, 13, 19, 5, 5, noise=True)),
     # Several row tiles per expert (about 47 slots each over BLOCK_M = 16).
-    ("multi-tile-E3-k2", 70, 16, 24, 3, 2, True, "random", True, False, True, True),
+    ("multi-tile-E3-k2", _case(70, 16, 24, 3, 2, token_scale=True, host_out=True)),
     # All tokens to one expert: the other experts' tiles are empty and their dW must be zero.
-    ("all-one-expert", 19, 16, 24, 4, 1, True, "one", True, False, True, True),
+    ("all-one-expert", _case(19, 16, 24, 4, 1, route="one", token_scale=True, host_out=True)),
     # An expert with no tokens, k = 2.
-    ("empty-expert-k2", 29, 16, 24, 4, 2, True, "skip_last", False, False, True, True),
+    ("empty-expert-k2", _case(29, 16, 24, 4, 2, route="skip_last", host_out=True)),
     # GPT-2 experts: GELU(tanh) with both biases, k = 2.
-    ("gelu-tanh-bias-k2", 31, 12, 20, 3, 2, False, "random", True, True, True, True),
+    ("gelu-tanh-bias-k2", _case(31, 12, 20, 3, 2, "gelu_tanh", token_scale=True, noise=True, host_out=True)),
     # No renormalisation: the routing-weight gradient is non-zero at k = 1; no host_out.
-    ("no-renorm-k1", 17, 12, 20, 4, 1, True, "random", False, False, False, False),
+    ("no-renorm-k1", _case(17, 12, 20, 4, 1, renormalize=False)),
     # Exact-erf GELU, no renormalisation, k = 3.
-    ("gelu-erf-k3", 17, 12, 20, 4, 3, False, "random", True, True, True, False),
+    ("gelu-erf-k3", _case(17, 12, 20, 4, 3, "gelu", token_scale=True, noise=True, host_out=True, renormalize=False)),
+    # LLaMA with mlp_bias=True: gate, up and down biases on GLU experts, and a router bias.
+    ("glu-biases-router-bias-k2", _case(27, 12, 20, 4, 2, expert_bias=True, router_bias=True, host_out=True)),
+    # ReLU 2-layer experts with biases, router bias, no renormalisation.
+    ("relu-bias-k2", _case(25, 12, 20, 3, 2, "relu", router_bias=True, renormalize=False, token_scale=True)),
+    # ReLU 2-layer experts without any bias, k = 1.
+    ("relu-nobias-k1", _case(19, 12, 20, 4, 1, "relu", expert_bias=False)),
 ]
-MOE_CASE_ARGS = "tokens,hidden,ffn,experts,top_k,glu,route,token_scale,noise,host_out,renormalize"
+
+
+def split_case(case: dict) -> tuple[dict, dict]:
+    """``(tensors, options)`` of a MOE_CASES entry, options with top_k and renormalize set."""
+    kw = dict(case)
+    top_k, renormalize = kw.pop("top_k"), kw.pop("renormalize", True)
+    tensors, options = make_moe_inputs(kw.pop("tokens"), kw.pop("hidden"), kw.pop("ffn"), kw.pop("experts"), **kw)
+    options.update(top_k=top_k, renormalize=renormalize)
+    return tensors, options

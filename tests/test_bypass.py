@@ -92,7 +92,7 @@ def test_anchor_scope_leaves_unrelated_inputs_untouched(tiny_model, tokenizer):
     handle.add_subjects(["Paris"])
     _perturb(handle)
     out = tiny_model(**enc).logits
-    scope = handle.bypass._scope.tolist()
+    scope = handle.bypass.last_anchors.scope.tolist()
     assert scope == [True, False]
     assert not torch.allclose(out[0], base[0]), "the in-scope sequence must go through the experts"
     torch.testing.assert_close(out[1], base[1], rtol=0, atol=0)
@@ -104,7 +104,7 @@ def test_generate_with_kv_cache_keeps_prompt_anchors(tiny_model, tokenizer):
     _perturb(handle, 0.5)
     enc = _inputs(tokenizer)
     anchors_seen = []
-    hook = handle.bypass.register_forward_pre_hook(lambda m, a: anchors_seen.append(m._anchor.clone()))
+    hook = handle.bypass.register_forward_pre_hook(lambda m, a: anchors_seen.append(m.pending_anchors.vectors.clone()))
     cached = tiny_model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     hook.remove()
     assert len(anchors_seen) == 4 and all(torch.equal(a, anchors_seen[0]) for a in anchors_seen)
@@ -202,3 +202,131 @@ def test_unrelated_batch_in_training_mode_passes_through(tiny_model, tokenizer):
     _perturb(handle)
     handle.bypass.train()
     torch.testing.assert_close(tiny_model(**enc).logits, base, rtol=0, atol=0)
+
+
+def _manual(tiny_model, **over):
+    cfg = dict(layer=1, impl="reference", anchor_scope=False, top_k=2)
+    cfg.update(over)
+    handle = apply_memoe(tiny_model, MEMoEConfig(**cfg))
+    _perturb(handle, 0.5)
+    return handle, tiny_model.get_input_embeddings().weight.shape[1]
+
+
+def test_anchor_mode_defaults_and_validation(tiny_model, tokenizer):
+    handle = apply_memoe(tiny_model, MEMoEConfig(layer=1), tokenizer)
+    assert handle.anchor_mode == "auto"
+    handle.remove()
+    handle = apply_memoe(tiny_model, MEMoEConfig(layer=1))
+    assert handle.anchor_mode == "manual"
+    handle.remove()
+    with pytest.raises(ValueError, match="tokenizer"):
+        apply_memoe(tiny_model, MEMoEConfig(layer=1), anchor_mode="auto")
+    with pytest.raises(ValueError, match="anchor_mode"):
+        apply_memoe(tiny_model, MEMoEConfig(layer=1), tokenizer, anchor_mode="sometimes")
+
+
+def test_auto_mode_never_overwrites_the_callers_anchors(tiny_model, tokenizer):
+    """`bypass.set_anchors(t)` then `model(input_ids=...)` must use t, not anchors from the text."""
+    # top-2: the gate weights, and so the output, move with the anchors.
+    handle = apply_memoe(tiny_model, MEMoEConfig(layer=1, impl="reference", anchor_scope=False, top_k=2), tokenizer)
+    _perturb(handle, 0.5)
+    enc = _inputs(tokenizer)
+    hidden = tiny_model.get_input_embeddings().weight.shape[1]
+    mine = torch.randn(2, hidden) * 3
+    handle.bypass.set_anchors(mine)
+    out = tiny_model(**enc).logits
+    assert torch.equal(handle.bypass.last_anchors.vectors, mine)
+    with handle.anchored(anchors=mine):
+        pinned = tiny_model(**enc).logits
+    torch.testing.assert_close(out, pinned, rtol=0, atol=0)
+    auto = tiny_model(**enc).logits  # no anchors given: computed from the text
+    torch.testing.assert_close(handle.bypass.last_anchors.vectors, handle.compute_anchors(PROMPTS).vectors)
+    assert not torch.allclose(auto, out), "anchors from the text must differ from the caller's here"
+
+
+def test_set_anchors_serve_one_forward(tiny_model):
+    """Anchors set for one batch are consumed by its forward: a later batch of the same size raises."""
+    handle, hidden = _manual(tiny_model)
+    ids = torch.randint(0, 1000, (3, 5))
+    handle.bypass.set_anchors(torch.randn(3, hidden))
+    tiny_model(input_ids=ids)
+    assert handle.bypass.pending_anchors is None
+    with pytest.raises(RuntimeError, match="no anchors"):
+        tiny_model(input_ids=ids)
+    # Disabled forwards consume them too: they were meant for that forward.
+    handle.bypass.set_anchors(torch.randn(3, hidden))
+    with handle.disabled():
+        tiny_model(input_ids=ids)
+    with pytest.raises(RuntimeError, match="no anchors"):
+        tiny_model(input_ids=ids)
+
+
+def test_pinned_anchors_stay_and_nested_blocks_restore(tiny_model):
+    handle, hidden = _manual(tiny_model)
+    ids = torch.randint(0, 1000, (3, 5))
+    outer, inner = torch.randn(3, hidden), torch.randn(3, hidden)
+    with handle.anchored(anchors=outer):
+        first = tiny_model(input_ids=ids).logits
+        with handle.anchored(anchors=inner):
+            tiny_model(input_ids=ids)
+            assert torch.equal(handle.bypass.last_anchors.vectors, inner)
+        again = tiny_model(input_ids=ids).logits
+        assert torch.equal(handle.bypass.last_anchors.vectors, outer)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert handle.bypass.pending_anchors is None
+
+
+def test_anchors_for_another_batch_are_an_error(tiny_model):
+    handle, hidden = _manual(tiny_model)
+    handle.bypass.set_anchors(torch.randn(2, hidden))
+    with pytest.raises(RuntimeError, match="2 sequences but the input has 3"):
+        tiny_model(input_ids=torch.randint(0, 1000, (3, 5)))
+    with pytest.raises(ValueError, match="width"):
+        handle.bypass.set_anchors(torch.randn(3, hidden + 1))
+    with pytest.raises(ValueError, match="scope"):
+        handle.bypass.set_anchors(torch.randn(3, hidden), scope=torch.ones(2, dtype=torch.bool))
+
+
+def test_forward_takes_explicit_anchors(tiny_model):
+    """`bypass(x, anchors)` equals setting the same anchors first, and leaves set anchors alone."""
+    handle, hidden = _manual(tiny_model)
+    bypass = handle.bypass
+    x, anchors = torch.randn(2, 4, hidden), torch.randn(2, hidden)
+    explicit = bypass(x, anchors)
+    bypass.set_anchors(anchors)
+    torch.testing.assert_close(bypass(x), explicit, rtol=0, atol=0)
+    other = torch.randn(2, hidden)
+    assert not torch.allclose(bypass(x, other), explicit)
+    scope = torch.tensor([True, False])
+    bypass.config.anchor_scope = True
+    scoped = bypass(x, anchors, scope)
+    torch.testing.assert_close(scoped[0], explicit[0])  # fewer rows through the experts: fp32 rounding
+    torch.testing.assert_close(scoped[1], bypass.base_layer(x)[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="explicit anchors"):
+        bypass(x, scope=scope)
+
+
+def test_manual_generation_keeps_the_callers_prompt_anchors(tiny_model, tokenizer):
+    handle, hidden = _manual(tiny_model)
+    enc = _inputs(tokenizer)
+    mine = torch.randn(2, hidden)
+    seen = []
+    hook = handle.bypass.register_forward_pre_hook(lambda m, a: seen.append(m.pending_anchors.vectors.clone()))
+    handle.bypass.set_anchors(mine)
+    tiny_model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    hook.remove()
+    assert len(seen) == 3 and all(torch.equal(a, mine) for a in seen)
+    assert handle.bypass.pending_anchors is None
+
+
+def test_disabled_generation_needs_no_anchors(tiny_model, tokenizer):
+    """With the bypass off, generation runs for any batch, before or after edited forwards."""
+    handle = apply_memoe(tiny_model, MEMoEConfig(layer=1, impl="reference", anchor_scope=False), tokenizer)
+    enc = _inputs(tokenizer)
+    one = tokenizer(["The capital of France is"], return_tensors="pt")
+    tiny_model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with handle.disabled():
+        out = tiny_model.generate(**one, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    handle.remove()
+    base = tiny_model.generate(**one, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(out, base)

@@ -121,7 +121,7 @@ def test_added_experts_start_silent_and_frozen_ones_get_no_gradient(tiny_model, 
         bypass.set_anchors(torch.randn(1, bypass.anchor_dim), route=torch.tensor([2]))
         with torch.no_grad():
             torch.testing.assert_close(bypass(x), bypass.base_layer(x), rtol=0, atol=0)
-        bypass.set_anchors(torch.randn(1, bypass.anchor_dim), route=torch.tensor([0]))
+        bypass.set_anchors(torch.randn(1, bypass.anchor_dim), route=torch.tensor([0]), pin=True)
         bypass(x).sum().backward()
         assert bypass.w2.grad is not None and bool((bypass.w2.grad == 0).all())  # expert 0 is frozen
         bypass.freeze_experts(0)
