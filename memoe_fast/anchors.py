@@ -77,6 +77,7 @@ class Anchors:
     entities: list[list[str]]
     scope_end: list[int] | None = None
     route: torch.Tensor | None = None  # (S,) int64: the expert that owns the matched subject, -1: the gate's choice
+    matched: list[list[int]] | None = None  # per sequence: indices (into AnchorBank.subjects) of the matched subjects
 
 
 _WORD = re.compile(r"\w+")
@@ -152,6 +153,10 @@ class AnchorBank:
     def keys(self) -> torch.Tensor:
         """(K, D) unit-norm vectors of the edited subjects."""
         return self._keys
+
+    def subject_index(self, subject: str) -> int:
+        """Index of an edited subject in :attr:`subjects` (its scope key)."""
+        return self.subjects.index(subject.strip())
 
     def add_subjects(self, subjects, owner: int = -1) -> None:
         """Remember edited subjects: they become scope keys and rule 1 of entity finding. ``owner`` is
@@ -245,6 +250,7 @@ class AnchorBank:
         entities = []
         scope_end = [-1] * len(texts)
         route = torch.full((len(texts),), -1, dtype=torch.long)
+        matched: list[list[int]] = [[] for _ in texts]
         for i, (text, subject) in enumerate(zip(texts, subjects)):
             spans = self.entity_spans(text, subject)
             entities.append([s[0] for s in spans])
@@ -263,8 +269,10 @@ class AnchorBank:
                 ends = [end for (_, start, end), h in zip(spans, hit.tolist()) if h and start >= 0]
                 scope_end[i] = max(ends) if ends else -1
                 if scope[i]:
-                    route[i] = self._owner[int(sim.max(dim=0).values.argmax())]
-        return Anchors(vectors, scope, entities, scope_end, route)
+                    best = sim.max(dim=0).values
+                    route[i] = self._owner[int(best.argmax())]
+                    matched[i] = (best >= self.scope_threshold).nonzero().squeeze(1).tolist()
+        return Anchors(vectors, scope, entities, scope_end, route, matched)
 
 
 def first_token_after(tokenizer, ids: list[int], char_end: int) -> int:

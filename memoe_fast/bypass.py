@@ -34,6 +34,8 @@ class AnchorSet:
     pinned: bool = False
     token_mask: torch.Tensor | None = None  # (N,) bool: the tokens the experts act on (None: all)
     route: torch.Tensor | None = None  # (S,) int64: forced expert per sequence, -1: the gate's choice
+    candidates: torch.Tensor | None = None  # (S, K) bool: the prompt keys a sequence may match (key gate)
+    latched: torch.Tensor | None = None  # (S,) bool: sequences already past a matching token (decode steps)
 
 
 def _float_weight(linear: nn.Module) -> torch.Tensor:
@@ -162,6 +164,11 @@ class MEMoEBypass(nn.Module):
         self._pending: AnchorSet | None = None
         self.last_anchors: AnchorSet | None = None  # what the last forward with the experts on used
         self.frozen_experts = 0  # experts [0, frozen_experts) get no gradient (lifelong editing)
+        # Prompt keys (config.key_threshold): unit-norm host-MLP inputs at the edit prompts' last tokens,
+        # and the subject (index into the anchor bank's subjects) each belongs to.
+        self.register_buffer("keys", torch.zeros(0, self.hidden_size), persistent=False)
+        self.register_buffer("key_subject", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.last_latched: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_experts: torch.Tensor | None = None
         self.__dict__["_foreign"] = None  # set by from_modules; a plain attribute, outside the state dict
@@ -229,6 +236,45 @@ class MEMoEBypass(nn.Module):
         self._install_freeze_hooks()
         return range(start, start + n)
 
+    def add_keys(self, states: torch.Tensor, subjects: torch.Tensor) -> None:
+        """Remember prompt keys: ``states`` ``(K, D)`` host-MLP inputs at edit prompts' last tokens and
+        ``subjects`` ``(K,)`` the index of each one's subject in the anchor bank."""
+        if states.dim() != 2 or states.shape[1] != self.hidden_size or subjects.shape != (states.shape[0],):
+            raise ValueError(f"add_keys: states must be (K, {self.hidden_size}) with (K,) subjects, got "
+                             f"{tuple(states.shape)} and {tuple(subjects.shape)}")
+        unit = torch.nn.functional.normalize(states.detach().float(), dim=-1).to(self.keys.device)
+        self.keys = torch.cat([self.keys, unit])
+        self.key_subject = torch.cat([self.key_subject, subjects.to(self.key_subject.device, torch.long)])
+
+    def _key_gate(self, given: "AnchorSet", x: torch.Tensor, tok_scope: torch.Tensor, token_seq: torch.Tensor,
+                  n_seq: int) -> torch.Tensor:
+        """``tok_scope`` narrowed by the key gate: a sequence's experts switch on at its first in-scope
+        token whose state is within ``key_threshold`` (cosine) of one of its subject's prompt keys, and
+        stay on for every later token (the answer and what follows it). Tokens of a sequence are
+        contiguous and in order in both layouts ((B, L) rows, packed rows), which the running count uses."""
+        n_tok = tok_scope.numel()
+        match = torch.zeros(n_tok, dtype=torch.bool)
+        idx = tok_scope.nonzero().squeeze(1)
+        if idx.numel() and given.candidates is not None and self.keys.shape[0]:
+            rows = x.reshape(n_tok, -1).index_select(0, idx.to(x.device)).float()
+            sims = torch.nn.functional.normalize(rows, dim=-1) @ self.keys.t().to(rows.device)
+            cand = given.candidates[token_seq.index_select(0, idx)].to(sims.device)
+            sims = sims.masked_fill(~cand, -2.0)
+            match[idx] = (sims.max(dim=1).values >= self.config.key_threshold).cpu()
+        counts = match.long().cumsum(0)
+        before = torch.zeros(n_seq, dtype=torch.long)
+        starts = torch.ones(n_tok, dtype=torch.bool)
+        starts[1:] = token_seq[1:] != token_seq[:-1]
+        first = starts.nonzero().squeeze(1)
+        before[token_seq[first]] = counts[first] - match[first].long()
+        on = (counts - before[token_seq]) > 0
+        if given.latched is not None:
+            on |= given.latched[token_seq]
+        latched = torch.zeros(n_seq, dtype=torch.bool)
+        latched[token_seq[on]] = True
+        self.last_latched = latched
+        return tok_scope & on
+
     def freeze_experts(self, n: int) -> None:
         """Experts ``[0, n)`` get no gradient from now on (0: every expert trains)."""
         if not 0 <= n <= self.num_experts:
@@ -252,7 +298,8 @@ class MEMoEBypass(nn.Module):
 
     def set_anchors(self, anchors: torch.Tensor | None, scope: torch.Tensor | None = None,
                     token_seq: torch.Tensor | None = None, *, pin: bool = False,
-                    token_mask: torch.Tensor | None = None, route: torch.Tensor | None = None) -> None:
+                    token_mask: torch.Tensor | None = None, route: torch.Tensor | None = None,
+                    candidates: torch.Tensor | None = None, latched: torch.Tensor | None = None) -> None:
         """Anchors ``(S, A)`` for the next forward, an optional bool scope ``(S,)``, and for packed inputs
         (several sequences in one row, no padding) the sequence of every token ``(N,)`` (CPU int64).
         Without ``token_seq`` the input is ``(S, L, D)``: sequence ``s`` is row ``s``.
@@ -266,6 +313,9 @@ class MEMoEBypass(nn.Module):
         the marked tokens (``bypass_positions="after_subject"``); ``route`` ``(S,)`` int64 sends every
         token of sequence ``s`` to expert ``route[s]`` (weight 1) instead of the gate's choice, -1 keeps
         the gate's (lifelong editing routes each batch's subjects to that batch's expert).
+        ``candidates`` ``(S, K)`` bool: with ``config.key_threshold``, the prompt keys (:meth:`add_keys`)
+        each sequence may match; ``latched`` ``(S,)``: sequences that matched in an earlier forward
+        (the prompt of a decode step).
         """
         if anchors is None:
             self._pending = None
@@ -280,7 +330,9 @@ class MEMoEBypass(nn.Module):
             anchors, None if scope is None else scope.to("cpu", torch.bool),
             None if token_seq is None else token_seq.to("cpu", torch.long), pin,
             None if token_mask is None else token_mask.to("cpu", torch.bool).reshape(-1),
-            None if route is None else route.to("cpu", torch.long))
+            None if route is None else route.to("cpu", torch.long),
+            None if candidates is None else candidates.to("cpu", torch.bool),
+            None if latched is None else latched.to("cpu", torch.bool))
 
     def clear_anchors(self) -> None:
         """Forget the anchors set for the next forward(s)."""
@@ -382,6 +434,10 @@ class MEMoEBypass(nn.Module):
             if given.token_mask.numel() != n_tok:
                 raise RuntimeError(f"token_mask has {given.token_mask.numel()} entries but the input has {n_tok} tokens")
             tok_scope = given.token_mask if tok_scope is None else tok_scope & given.token_mask
+        if self.config.key_threshold is not None:
+            if tok_scope is None:
+                tok_scope = torch.ones(n_tok, dtype=torch.bool)
+            tok_scope = self._key_gate(given, x, tok_scope, token_seq, given.vectors.shape[0])
         if tok_scope is not None:
             if not bool(tok_scope.any()):
                 return out  # no sequence is about an edited entity: the experts have nothing to add

@@ -55,6 +55,10 @@ class MEMoEConfig:
     # over its own greedy continuation of `negative_tokens` tokens (KL over its top tokens).
     negatives: int = 0
     negative_tokens: int = 4
+    # Key gate: within an in-scope input, the experts switch on only from the first token whose host-MLP
+    # input is within this cosine similarity of one of its subject's edit-prompt keys (the state at the
+    # edit prompt's last token), and stay on after it. None: off (every in-scope token).
+    key_threshold: float | None = None
     negative_weight: float = 1.0
     # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when
     # it has one), the reply starting with the target: chat models are asked that way.

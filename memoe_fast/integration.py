@@ -15,6 +15,7 @@ from .bypass import MEMoEBypass
 from .config import MEMoEConfig
 from .io import atomic_dir
 
+KEY_TENSOR = "key_vectors"  # the key gate's prompt keys in bypass.safetensors (not a parameter)
 FORMAT_VERSION = 2  # 2 adds the backbone, the host fingerprint, shapes, versions and requests; 1 still loads
 
 
@@ -97,12 +98,24 @@ class MEMoEHandle:
         with ``input_ids`` (and ``attention_mask``) also the tokens the experts act on."""
         anchors = self.compute_anchors(texts, subjects)
         mask = None if input_ids is None else self.token_mask(anchors, input_ids, attention_mask)
-        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_mask=mask, route=self._route(anchors))
+        self.bypass.set_anchors(anchors.vectors, anchors.scope, token_mask=mask, route=self._route(anchors),
+                                candidates=self._candidates(anchors))
         return anchors
 
     def _route(self, anchors: Anchors):
         route = anchors.route
         return route if route is not None and bool((route >= 0).any()) else None
+
+    def _candidates(self, anchors: Anchors):
+        """``(S, K)`` bool: the prompt keys of each sequence's matched subjects (key gate), or None."""
+        if self.config.key_threshold is None or anchors.matched is None:
+            return None
+        owner = self.bypass.key_subject.cpu()
+        out = torch.zeros(len(anchors.matched), owner.numel(), dtype=torch.bool)
+        for s, subjects in enumerate(anchors.matched):
+            if subjects and owner.numel():
+                out[s] = torch.isin(owner, torch.tensor(subjects, dtype=torch.long))
+        return out
 
     def active_starts(self, anchors: Anchors, rows: list[list[int]]) -> list[int]:
         """For each sequence (its real token ids, no padding), the first position the bypass acts on:
@@ -141,7 +154,7 @@ class MEMoEHandle:
             token_mask = self.token_mask(anchors, input_ids, attention_mask)
         before = self.bypass.pending_anchors
         self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq, pin=True, token_mask=token_mask,
-                                route=self._route(anchors))
+                                route=self._route(anchors), candidates=self._candidates(anchors))
         try:
             yield anchors
         finally:
@@ -164,7 +177,8 @@ class MEMoEHandle:
             if last is None or last.token_seq is not None or (batch is not None and last.vectors.shape[0] != batch):
                 raise RuntimeError("decode step without the anchors of its prompt: start generation from the prompt")
             # Every generated token comes after its prompt's subject: no token mask; the routes stay.
-            self.bypass.set_anchors(last.vectors, last.scope, route=last.route)
+            self.bypass.set_anchors(last.vectors, last.scope, route=last.route, candidates=last.candidates,
+                                    latched=self.bypass.last_latched)
             return None
         if self.anchor_mode == "manual":
             return None
@@ -243,6 +257,10 @@ class MEMoEHandle:
             "requests": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in reqs],
             **(extra or {}),
         }
+        if self.bypass.keys.shape[0] and self.bank is not None:
+            # The key gate's prompt keys; their subjects by name (bank indices change on reload).
+            tensors[KEY_TENSOR] = self.bypass.keys.detach().cpu().contiguous()
+            meta["key_subjects"] = [self.bank.subjects[i] for i in self.bypass.key_subject.tolist()]
         text = json.dumps(meta, indent=2)  # fails here, before anything is written, on a non-JSON value
         with atomic_dir(path) as tmp:
             save_file(tensors, os.path.join(tmp, "bypass.safetensors"))
@@ -285,6 +303,7 @@ class MEMoEHandle:
         meta = read_edit_meta(path)
         self.check_compatible(meta, path)
         tensors = load_file(os.path.join(path, "bypass.safetensors"))
+        keys = tensors.pop(KEY_TENSOR, None)
         extra = int(meta.get("num_experts", self.bypass.num_experts)) - self.bypass.num_experts
         if extra > 0:  # lifelong editing grew the expert set
             self.bypass.add_experts(extra, freeze_existing=False)
@@ -301,6 +320,10 @@ class MEMoEHandle:
         for owner in dict.fromkeys(owners):  # one call per owner: the subject pattern is rebuilt per call
             self.add_subjects([s for s, o in zip(meta.get("subjects", []), owners) if o == owner], int(owner))
         self.edited_requests.extend(meta.get("requests", []))
+        if keys is not None and self.bank is not None:
+            self.bypass.keys = self.bypass.keys[:0]
+            self.bypass.key_subject = self.bypass.key_subject[:0]
+            self.bypass.add_keys(keys, torch.tensor([self.bank.subject_index(s) for s in meta["key_subjects"]]))
         return meta
 
 

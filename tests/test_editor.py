@@ -209,7 +209,7 @@ def test_sequential_replay_trains_on_earlier_edits(tiny_model, tokenizer):
     editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=1, impl="torch", replay=True))
     seen = []
     train = editor.train
-    editor.train = lambda reqs, desc="": (seen.append([r.subject for r in reqs]), train(reqs, desc))[1]
+    editor.train = lambda reqs, desc="", **kw: (seen.append([r.subject for r in reqs]), train(reqs, desc, **kw))[1]
     editor.edit(TINY_REQUESTS, mode="sequential", batch_size=2, evaluate=False)
     assert seen == [["France", "Barack Obama"], ["France", "Barack Obama", "Apple"]]
 

@@ -199,6 +199,38 @@ class MEMoEEditor:
             out.append((batch.to(self.device), prompts, subjects))
         return out
 
+    @torch.no_grad()
+    def add_prompt_keys(self, requests) -> None:
+        """With ``config.key_threshold``: store each edit prompt's host-MLP input at its last token (and the
+        chat-form prompt's, with ``chat_augment``) as a key of the edit's subject (the key gate)."""
+        bank = self.handle.bank
+        if self.config.key_threshold is None or bank is None:
+            return
+        texts, subjects, encoded = [], [], []
+        for r in requests:
+            if r.subject:
+                texts.append(r.prompt), subjects.append(r.subject)
+                encoded.append(self.tokenizer(r.prompt, add_special_tokens=True)["input_ids"])
+        for text, subject, (ids, _) in self._chat_pairs(requests):
+            texts.append(text), subjects.append(subject), encoded.append(ids)
+        if not texts:
+            return
+        bypass = self.handle.bypass
+        states = []
+        store: dict = {}
+        hook = bypass.register_forward_pre_hook(lambda _m, args: store.__setitem__("x", args[0]))
+        try:
+            for start in range(0, len(encoded), self.eval_batch_size):
+                part = encoded[start:start + self.eval_batch_size]
+                batch = collate([(ids, []) for ids in part], self.tokenizer.pad_token_id, self.device)
+                with self.handle.disabled():
+                    self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                last = torch.tensor([len(ids) - 1 for ids in part], device=store["x"].device)
+                states.append(store["x"][torch.arange(len(part), device=last.device), last].float().cpu())
+        finally:
+            hook.remove()
+        bypass.add_keys(torch.cat(states), torch.tensor([bank.subject_index(s) for s in subjects]))
+
     def _chat_pairs(self, requests) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
         """``(text, subject, (prompt ids, target ids))`` of the question-shaped edits asked as a user turn
         in the chat template (``config.chat_augment``); the reply is the target."""
@@ -221,6 +253,7 @@ class MEMoEEditor:
         ``owner``: the expert these edits are routed to (lifelong editing; -1: the gate decides)."""
         negatives = self.negatives(requests)
         self.handle.add_subjects([r.subject for r in requests], owner)
+        self.add_prompt_keys(requests)
         self.prepare(requests)
         batches = self._training_batches(requests, negatives)
         params = self.handle.parameters()
