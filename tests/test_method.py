@@ -286,3 +286,78 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_model, tokeniz
     # The failed step was never applied: what is in memory equals the last good state on disk.
     for name, t in on_disk.items():
         torch.testing.assert_close(saved[name], t, rtol=0, atol=0, msg=name)
+
+
+def test_key_gate_switches_on_at_the_matching_token_and_stays_on(tiny_model, tokenizer):
+    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99)
+    bypass = handle.bypass
+    try:
+        x = torch.randn(2, 6, bypass.hidden_size)
+        # Sequence 0's token 3 is its subject's key; sequence 1 has no matching token.
+        bypass.add_keys(x[0, 3:4].clone(), torch.tensor([0]))
+        base = bypass.base_layer(x)
+        cand = torch.tensor([[True], [True]])
+        with torch.no_grad():
+            bypass.set_anchors(torch.randn(2, bypass.anchor_dim), torch.tensor([True, True]), candidates=cand)
+            y = bypass(x)
+        torch.testing.assert_close(y[0, :3], base[0, :3], rtol=0, atol=0)
+        assert (y[0, 3:] - base[0, 3:]).abs().amax(-1).min() > 1e-4  # on from the match, and after it
+        torch.testing.assert_close(y[1], base[1], rtol=0, atol=0)
+        assert bypass.last_latched.tolist() == [True, False]
+        # A decode step of a latched sequence is on whatever its own state; a key of another subject never matches.
+        step = torch.randn(2, 1, bypass.hidden_size)
+        with torch.no_grad():
+            bypass.set_anchors(torch.randn(2, bypass.anchor_dim), torch.tensor([True, True]), candidates=cand,
+                               latched=torch.tensor([True, False]))
+            z = bypass(step)
+            assert (z[0] - bypass.base_layer(step)[0]).abs().max() > 1e-4
+            torch.testing.assert_close(z[1], bypass.base_layer(step)[1], rtol=0, atol=0)
+            bypass.set_anchors(torch.randn(2, bypass.anchor_dim), torch.tensor([True, True]),
+                               candidates=torch.tensor([[False], [False]]))
+            torch.testing.assert_close(bypass(x), base, rtol=0, atol=0)
+    finally:
+        handle.remove()
+
+
+def test_key_gate_packed_rows_match_padded_rows(tiny_model, tokenizer):
+    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99)
+    bypass = handle.bypass
+    try:
+        x = torch.randn(3, 5, bypass.hidden_size)
+        bypass.add_keys(torch.stack([x[0, 1], x[2, 4]]), torch.tensor([0, 0]))
+        anchors = torch.randn(3, bypass.anchor_dim)
+        cand = torch.ones(3, 2, dtype=torch.bool)
+        scope = torch.tensor([True, True, True])
+        with torch.no_grad():
+            bypass.set_anchors(anchors, scope, candidates=cand)
+            padded = bypass(x)
+            bypass.set_anchors(anchors, scope, torch.arange(3).repeat_interleave(5), candidates=cand)
+            packed = bypass(x.reshape(15, -1))
+        torch.testing.assert_close(packed.reshape(3, 5, -1), padded, rtol=0, atol=0)
+    finally:
+        handle.remove()
+
+
+def test_key_gate_edits_are_kept_through_save_and_load(tiny_model, tokenizer, tmp_path):
+    cfg = MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="reference", key_threshold=0.9, bypass_positions="after_subject",
+                      stop_loss=0)
+    editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+    enc = tokenizer([REQUESTS[0].prompt], return_tensors="pt")
+    try:
+        editor.train(REQUESTS[:2])
+        assert editor.handle.bypass.keys.shape[0] == 2
+        with torch.no_grad():
+            edited = tiny_model(**enc).logits
+            with editor.handle.disabled():
+                base = tiny_model(**enc).logits
+        assert (edited[0, -1] - base[0, -1]).abs().max() > 1e-4  # the edit prompt's last token matches its key
+        editor.handle.save(str(tmp_path / "e"))
+    finally:
+        editor.handle.remove()
+    handle = apply_memoe(tiny_model, cfg, tokenizer)
+    try:
+        handle.load_weights(str(tmp_path / "e"))
+        with torch.no_grad():
+            torch.testing.assert_close(tiny_model(**enc).logits, edited, rtol=0, atol=0)
+    finally:
+        handle.remove()
