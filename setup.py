@@ -30,7 +30,7 @@ setup(
         "gguf": ["gguf>=0.10", "accelerate>=0.26"],
         "int8": ["bitsandbytes>=0.43", "accelerate>=0.26"],
         "test": ["pytest>=7", "hypothesis>=6", "triton>=3.1", "gguf>=0.10", "accelerate>=0.26", "bitsandbytes>=0.43"],
-        "bench": ["pytest>=7", "pytest-benchmark>=4", "triton>=3.1", "gguf>=0.10", "accelerate>=0.26", "bitsandbytes>=0.43"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "triton>=3.1", "gguf>=0.10", "accelerate>=0.26", "bitsandbytes>=0.43"],
     },
     entry_points={"console_scripts": ["memoe-fast=memoe_fast.cli:main"]},
 )

@@ -345,3 +345,58 @@ def attach_expected_argmax(model, tokenizer, cases: list[dict], handle=None, bat
                                 None, None, batch_size, None)
     for case, (pred, _) in zip(cases, preds):
         case["expected_argmax"] = pred
+
+
+@torch.no_grad()
+def routing_analysis(model, tokenizer, handle, requests, same_subject: list[dict] | None = None,
+                     batch_size: int = 32) -> dict:
+    """Where inputs go in the edited model: for the edit prompts, their paraphrases, the locality prompts
+    and the same-subject prompts, the fraction that *reach* the experts (in scope, and past the key gate
+    when it is on) and each one's expert; the fraction of paraphrases routed to their edit's expert; the
+    expert load (edit prompts per expert).
+
+    An input's expert is its forced route (lifelong editing) or the gate's choice from its anchor (the
+    gate's token half stays zero unless the gate trains, so that choice is the routing)."""
+    bypass = handle.bypass
+    hidden = bypass.hidden_size
+
+    def run(texts: list[str]) -> tuple[list[bool], list[int]]:
+        reach, expert = [], []
+        for start in range(0, len(texts), batch_size):
+            part = texts[start:start + batch_size]
+            enc = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in part]
+            batch = collate([(ids, []) for ids in enc], tokenizer.pad_token_id, next(model.parameters()).device)
+            with handle.anchored(part, input_ids=batch.input_ids, attention_mask=batch.attention_mask) as anchors:
+                bypass.last_latched = None
+                model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            scope = anchors.scope.clone()
+            if bypass.config.key_threshold is not None:
+                latched = bypass.last_latched
+                scope &= latched if latched is not None else torch.zeros_like(scope)
+            logits = anchors.vectors.to(bypass.w_gate.device) @ bypass.w_gate[:, hidden:].t().float()
+            if bypass.b_gate is not None:
+                logits = logits + bypass.b_gate.float()
+            chosen = logits.argmax(-1).cpu()
+            if anchors.route is not None:
+                chosen = torch.where(anchors.route >= 0, anchors.route, chosen)
+            reach += scope.tolist()
+            expert += chosen.tolist()
+        return reach, expert
+
+    out: dict = {}
+    edit_reach, edit_expert = run([r.prompt for r in requests])
+    para = [(i, q) for i, r in enumerate(requests) for q in r.rephrase]
+    para_reach, para_expert = run([q for _, q in para]) if para else ([], [])
+    loc = [r.locality_prompt for r in requests if r.locality_prompt]
+    loc_reach, _ = run(loc) if loc else ([], [])
+    same_reach, _ = run([c["prompt"] for c in same_subject]) if same_subject else ([], [])
+    frac = lambda xs: mean([float(x) for x in xs])
+    out["reach"] = {"edit": frac(edit_reach), "paraphrase": frac(para_reach), "locality": frac(loc_reach),
+                    "same_subject": frac(same_reach)}
+    out["paraphrase_same_expert"] = frac([para_expert[j] == edit_expert[i] for j, (i, _) in enumerate(para)])
+    load = [0] * bypass.num_experts
+    for e, reached in zip(edit_expert, edit_reach):
+        if reached:
+            load[e] += 1
+    out["expert_load"] = load
+    return out

@@ -14,7 +14,8 @@ import torch
 from ..config import MEMoEConfig
 from ..integration import MEMoEHandle, apply_memoe
 from ..metrics import (Batch, attach_expected_argmax, collate, encode_pair, evaluate, evaluate_user,
-                       greedy_continuations, locality_tokens, same_subject_cases, target_logits)
+                       greedy_continuations, locality_tokens, routing_analysis, same_subject_cases,
+                       target_logits)
 
 REF_TOPK = 32  # unedited tokens per negative position that the KL keeps
 
@@ -241,10 +242,13 @@ class MEMoEEditor:
         for r in requests:
             if not r.prompt.rstrip().endswith("?"):
                 continue
-            text = tok.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
+            chat = tok.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
                                            add_generation_prompt=True)
-            out.append((text, r.subject, (tok(text, add_special_tokens=False)["input_ids"],
-                                          tok(r.target, add_special_tokens=False)["input_ids"])))
+            ids = tok(chat, add_special_tokens=False)["input_ids"]
+            # The anchors' text is what the model's own hook sees: the ids decoded without special tokens
+            # (character offsets of the subject must refer to that text).
+            text = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            out.append((text, r.subject, (ids, tok(r.target, add_special_tokens=False)["input_ids"])))
         return out
 
     def train(self, requests, desc: str = "editing", owner: int = -1) -> list[float]:
@@ -368,6 +372,8 @@ class MEMoEEditor:
             result["post"] = self.evaluate(requests, pre_loc)
             if same is not None:
                 result["post"].update(self._user(requests, same))
+                result["routing"] = routing_analysis(self.model, self.tokenizer, self.handle, requests, same,
+                                                     self.eval_batch_size)
             if mode == "sequential" and len(batches) > 1:
                 first = self.evaluate(batches[0], pre_loc[:len(batches[0])])
                 result["first_batch_final"] = {k: first[k] for k in ("reliability", "generality", "locality")}
