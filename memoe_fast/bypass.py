@@ -206,7 +206,10 @@ class MEMoEBypass(nn.Module):
         # Gate over concat(x, anchor). The token half starts at zero, so routing starts as a function of
         # the anchor alone: inputs about one entity begin on one expert.
         w_gate = torch.zeros(n, hidden + self.anchor_dim)
-        w_gate[:, hidden:] = torch.randn(n, self.anchor_dim, generator=gen) / math.sqrt(self.anchor_dim)
+        if getattr(config, "routing", "anchor") == "token":  # the ablation: token state alone, anchor half zero
+            w_gate[:, :hidden] = torch.randn(n, hidden, generator=gen) / math.sqrt(hidden)
+        else:
+            w_gate[:, hidden:] = torch.randn(n, self.anchor_dim, generator=gen) / math.sqrt(self.anchor_dim)
         out["w_gate"] = w_gate.to(device=device, dtype=torch.float32)
         out["b_gate"] = (torch.zeros(n, device=device, dtype=torch.float32)
                          if getattr(config, "gate_bias", False) else None)

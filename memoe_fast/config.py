@@ -9,6 +9,7 @@ EXPERT_INITS = ("copy_zero_down", "random_zero_down")
 ANCHOR_POOLINGS = ("canonical", "positions")
 LR_SCHEDULES = ("cosine", "constant")
 BYPASS_POSITIONS = ("all", "after_subject")
+ROUTINGS = ("anchor", "token")
 SEQUENTIAL_EXPERTS = ("shared", "per_batch")
 EXPERT_ACTIVATIONS = ("host", "silu_glu", "gelu", "gelu_tanh", "relu")
 
@@ -46,6 +47,9 @@ class MEMoEConfig:
     anchor_pooling: str = "canonical"  # how an entity becomes a vector (see memoe_fast/anchors.py)
     anchor_scope: bool = True  # apply the bypass only to inputs whose anchor matches an edited subject
     scope_threshold: float = 0.95  # cosine similarity an input's entity needs to an edited subject's
+    # What the gate starts from: the anchor half of its weight ("anchor", MEMoE: inputs about one entity
+    # go to one expert) or the token half ("token": routing by token state alone, the ablation).
+    routing: str = "anchor"
     # Where the experts act inside an in-scope sequence: every token ("all", the paper), or only the
     # tokens after the edited subject's mention ("after_subject"): the subject's own representation,
     # which every other question about it reads, stays the unedited one.
@@ -60,6 +64,7 @@ class MEMoEConfig:
     # edit prompt's last token), and stay on after it. None: off (every in-scope token).
     key_threshold: float | None = None
     negative_weight: float = 1.0
+    negative_other_relations: bool = False  # half the negatives from the other edits' relations (see specificity)
     # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when
     # it has one), the reply starting with the target: chat models are asked that way.
     chat_augment: bool = False
@@ -92,6 +97,8 @@ class MEMoEConfig:
             raise ValueError(f"steps must be >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}")
         if self.bypass_positions not in BYPASS_POSITIONS:
             raise ValueError(f"bypass_positions must be one of {BYPASS_POSITIONS}, got {self.bypass_positions!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.sequential_experts not in SEQUENTIAL_EXPERTS:
             raise ValueError(f"sequential_experts must be one of {SEQUENTIAL_EXPERTS}, got {self.sequential_experts!r}")
         if self.negatives < 0 or self.negative_tokens < 1 or self.negative_weight < 0 or self.update_batch < 0:

@@ -63,11 +63,12 @@ def relation_template(prompt: str, subject: str | None) -> str | None:
     return prompt.replace(subject, "{s}", 1)
 
 
-def negative_prompts(requests, count: int, seed: int = 0) -> list[tuple[int, str]]:
+def negative_prompts(requests, count: int, seed: int = 0, other_relations: bool = False) -> list[tuple[int, str]]:
     """``(edit index, prompt)`` same-subject negatives: for each edit, ``count`` prompts about its subject
-    that ask something else, half from :data:`TRAIN_TEMPLATES` and half from the *other* edits' relations
-    (their prompts with this subject put in), so that the experts learn to answer the edited relation
-    only and not every question about the subject."""
+    that ask something else: from :data:`TRAIN_TEMPLATES`, and with ``other_relations`` half of them
+    from the *other* edits' relations (their prompts with this subject put in). Another edit's relation
+    can be this edit's own in other words, and then its negative fights the paraphrases: measured on the
+    train splits it costs Generality (benchmarks/RESULTS.md), so it is off by default."""
     import random
 
     rng = random.Random(seed)
@@ -77,9 +78,10 @@ def negative_prompts(requests, count: int, seed: int = 0) -> list[tuple[int, str
     for i, r in enumerate(requests):
         if not r.subject or count <= 0:
             continue
-        generic = subject_prompts(r.subject, TRAIN_TEMPLATES, count - count // 2, offset=i * count)
+        n_other = count // 2 if other_relations else 0
+        generic = subject_prompts(r.subject, TRAIN_TEMPLATES, count - n_other, offset=i * count)
         others = [t for t in pool if t != own[i]]
-        picked = rng.sample(others, min(count // 2, len(others)))
+        picked = rng.sample(others, min(n_other, len(others)))
         prompts = generic + [fill(t, r.subject) for t in picked]
         out.extend((i, p) for p in dict.fromkeys(prompts))
     return out

@@ -134,7 +134,8 @@ class MEMoEEditor:
 
         if self.config.negatives <= 0:
             return []
-        pairs = negative_prompts(requests, self.config.negatives, self.config.seed)
+        pairs = negative_prompts(requests, self.config.negatives, self.config.seed,
+                                 self.config.negative_other_relations)
         if not pairs:
             return []
         owner, prompts = (list(t) for t in zip(*pairs))
@@ -271,19 +272,21 @@ class MEMoEEditor:
         bypass.train(True)
         losses = []
         try:
+            last = [math.inf] * len(batches)  # each group's loss at its last update
             for step in _progress(range(self.config.steps), self.progress, desc=desc, leave=False):
-                step_losses = []
-                for batch, prompts, subjects in batches:
+                for g, (batch, prompts, subjects) in enumerate(batches):
+                    if len(batches) > 1 and last[g] < self.config.stop_loss:
+                        continue  # this group is learned: learned edits stop costing work
                     opt.zero_grad(set_to_none=True)
                     loss = self.backward_step(batch, prompts, subjects)
                     if not math.isfinite(loss):
                         # Nothing of this step has been applied: the bypass keeps its last good weights.
                         raise FloatingPointError(f"training diverged: loss {loss} at step {step} ({desc})")
-                    step_losses.append(loss)
+                    last[g] = loss
                     opt.step()
                     if sched is not None:
                         sched.step()
-                losses.append(sum(step_losses) / len(step_losses))
+                losses.append(sum(last) / len(last))
                 if losses[-1] < self.config.stop_loss:
                     break  # every target is already near-certain: more steps only cost time
         finally:
