@@ -258,7 +258,7 @@ class MEMoEBypass(nn.Module):
         n_tok = tok_scope.numel()
         match = torch.zeros(n_tok, dtype=torch.bool)
         idx = tok_scope.nonzero().squeeze(1)
-        if idx.numel() and given.candidates is not None and self.keys.shape[0]:
+        if idx.numel() and self.keys.shape[0]:
             rows = x.reshape(n_tok, -1).index_select(0, idx.to(x.device)).float()
             sims = torch.nn.functional.normalize(rows, dim=-1) @ self.keys.t().to(rows.device)
             cand = given.candidates[token_seq.index_select(0, idx)].to(sims.device)
@@ -437,7 +437,9 @@ class MEMoEBypass(nn.Module):
             if given.token_mask.numel() != n_tok:
                 raise RuntimeError(f"token_mask has {given.token_mask.numel()} entries but the input has {n_tok} tokens")
             tok_scope = given.token_mask if tok_scope is None else tok_scope & given.token_mask
-        if self.config.key_threshold is not None:
+        if self.config.key_threshold is not None and given.candidates is not None:
+            # The key gate applies to anchors the handle computed from text once edits stored prompt keys;
+            # anchors given by hand (a ported adapter, manual mode) route as MEMoE does.
             if tok_scope is None:
                 tok_scope = torch.ones(n_tok, dtype=torch.bool)
             tok_scope = self._key_gate(given, x, tok_scope, token_seq, given.vectors.shape[0])

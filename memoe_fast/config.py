@@ -53,7 +53,7 @@ class MEMoEConfig:
     # Where the experts act inside an in-scope sequence: every token ("all", the paper), or only the
     # tokens after the edited subject's mention ("after_subject"): the subject's own representation,
     # which every other question about it reads, stays the unedited one.
-    bypass_positions: str = "all"
+    bypass_positions: str = "after_subject"
     # Same-subject negatives: per edit, this many prompts about the edited subject's *other* relations
     # (memoe_fast.specificity templates), trained to keep the unedited model's next-token distribution
     # over its own greedy continuation of `negative_tokens` tokens (KL over its top tokens).
@@ -62,18 +62,18 @@ class MEMoEConfig:
     # Key gate: within an in-scope input, the experts switch on only from the first token whose host-MLP
     # input is within this cosine similarity of one of its subject's edit-prompt keys (the state at the
     # edit prompt's last token), and stay on after it. None: off (every in-scope token).
-    key_threshold: float | None = None
+    key_threshold: float | None = 0.8
     negative_weight: float = 1.0
     negative_other_relations: bool = False  # half the negatives from the other edits' relations (see specificity)
     # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when
     # it has one), the reply starting with the target: chat models are asked that way.
-    chat_augment: bool = False
+    chat_augment: bool = True
     # Edits per optimiser update: 0 trains all edits of a batch in one accumulated update per step; N > 0
     # splits them into groups of N, one update each, and a step is then one pass over the groups.
-    update_batch: int = 0
+    update_batch: int = 50
     # Sequential editing: "shared" experts for every batch (the paper), or "per_batch": each batch gets an
     # expert of its own, routed by its subjects' anchor keys, with every earlier expert frozen.
-    sequential_experts: str = "shared"
+    sequential_experts: str = "per_batch"
     impl: str = "auto"  # "auto" | "reference" | "torch" | "triton"
     expert_dtype: str | None = None  # None: the host MLP's float dtype (float32 for an 8-bit host on CPU)
     seed: int = 0
@@ -111,7 +111,9 @@ class MEMoEConfig:
     def paper(cls, **overrides) -> "MEMoEConfig":
         """The MEMoE paper's setting: 4 experts, top-1, the middle block, lr 2e-4, every input routed."""
         base = dict(num_experts=4, top_k=1, layer=None, lr=2e-4, steps=40, lr_schedule="constant",
-                    anchor_scope=False, aux_loss_weight=0.01, stop_loss=0.0)
+                    anchor_scope=False, aux_loss_weight=0.01, stop_loss=0.0, bypass_positions="all",
+                    key_threshold=None, chat_augment=False, negatives=0, update_batch=0,
+                    sequential_experts="shared")
         base.update(overrides)
         return cls(**base)
 

@@ -108,8 +108,8 @@ class MEMoEHandle:
 
     def _candidates(self, anchors: Anchors):
         """``(S, K)`` bool: the prompt keys of each sequence's matched subjects (key gate), or None."""
-        if self.config.key_threshold is None or anchors.matched is None:
-            return None
+        if self.config.key_threshold is None or anchors.matched is None or not self.bypass.key_subject.numel():
+            return None  # no prompt keys yet (nothing edited through an editor): no key gate
         owner = self.bypass.key_subject.cpu()
         out = torch.zeros(len(anchors.matched), owner.numel(), dtype=torch.bool)
         for s, subjects in enumerate(anchors.matched):
