@@ -62,7 +62,7 @@ class MEMoEConfig:
     # Key gate: within an in-scope input, the experts switch on only from the first token whose host-MLP
     # input is within this cosine similarity of one of its subject's edit-prompt keys (the state at the
     # edit prompt's last token), and stay on after it. None: off (every in-scope token).
-    key_threshold: float | None = 0.8
+    key_threshold: float | None = 0.85
     negative_weight: float = 1.0
     negative_other_relations: bool = False  # half the negatives from the other edits' relations (see specificity)
     # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when
