@@ -315,7 +315,7 @@ def evaluate_user(model, tokenizer, requests, handle=None, same_subject: list[di
     questions = [i for i, r in enumerate(requests) if r.prompt.rstrip().endswith("?")]
     if chat and questions and has_chat_template(tokenizer):
         conts = greedy_continuations(model, tokenizer, [requests[i].prompt for i in questions],
-                                     max(tlen[i] for i in questions) + 16, batch_size, chat=True)
+                                     max(tlen[i] for i in questions) + 8, batch_size, chat=True)
         out["chat_reliability"] = mean([float(contains_target(tokenizer, c, requests[i].target))
                                         for c, i in zip(conts, questions)])
     port = [(i, q, a) for i, r in enumerate(requests) for q, a in r.portability]

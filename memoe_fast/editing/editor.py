@@ -22,6 +22,15 @@ REF_TOPK = 32  # unedited tokens per negative position that the KL keeps
 MODES = ("batch", "sequential")
 
 
+def user_sample(requests, limit: int) -> list:
+    """At most ``limit`` requests, evenly spaced (all of them when there are fewer): the metrics as users
+    meet the model generate text, which at thousands of edits would cost more than the editing."""
+    n = len(requests)
+    if limit <= 0 or n <= limit:
+        return list(requests)
+    return [requests[(i * n) // limit] for i in range(limit)]
+
+
 def _progress(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable
@@ -86,13 +95,14 @@ class MEMoEEditor:
     """
 
     def __init__(self, model, tokenizer, config: MEMoEConfig | None = None, handle: MEMoEHandle | None = None,
-                 progress: bool = False, nlp=None, eval_batch_size: int = 32):
+                 progress: bool = False, nlp=None, eval_batch_size: int = 32, user_metrics_max: int = 200):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or MEMoEConfig()
         self.handle = handle or apply_memoe(model, self.config, tokenizer, nlp=nlp)
         self.progress = progress
         self.eval_batch_size = eval_batch_size
+        self.user_metrics_max = user_metrics_max  # requests the user-facing metrics are measured on (a sample)
         self.device = next(model.parameters()).device
         self.history: list[dict] = []
 
@@ -304,7 +314,8 @@ class MEMoEEditor:
                 ``batch_size`` one after another, metrics after each batch and at the end).
             evaluate: measure the metrics (skipped when False: only the losses and timings come back).
             user_metrics: also measure the metrics as users meet the model
-                (:func:`~memoe_fast.metrics.evaluate_user`: greedy, same-subject, chat, portability).
+                (:func:`~memoe_fast.metrics.evaluate_user`: greedy, same-subject, chat, portability), on
+                an evenly spaced sample of at most ``user_metrics_max`` requests (all of them up to 200).
             checkpoint_dir: sequential mode: save the edits there after every batch (atomically).
             resume: continue from the last batch saved in ``checkpoint_dir`` (same requests, same config).
         """
@@ -324,10 +335,12 @@ class MEMoEEditor:
             with self.handle.disabled():
                 result["pre"] = self.evaluate(requests, pre_loc)
                 if user_metrics:
-                    same = same_subject_cases(self.model, self.tokenizer, requests, self.handle,
+                    sample = user_sample(requests, self.user_metrics_max)
+                    result["user_metrics_n"] = len(sample)
+                    same = same_subject_cases(self.model, self.tokenizer, sample, self.handle,
                                               batch_size=self.eval_batch_size)
                     attach_expected_argmax(self.model, self.tokenizer, same, self.handle, self.eval_batch_size)
-                    result["pre"].update(self._user(requests, same))
+                    result["pre"].update(self._user(sample, same))
             timings["eval_pre_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         batches = [requests] if mode == "batch" else [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
@@ -374,8 +387,8 @@ class MEMoEEditor:
             t2 = time.perf_counter()
             result["post"] = self.evaluate(requests, pre_loc)
             if same is not None:
-                result["post"].update(self._user(requests, same))
-                result["routing"] = routing_analysis(self.model, self.tokenizer, self.handle, requests, same,
+                result["post"].update(self._user(sample, same))
+                result["routing"] = routing_analysis(self.model, self.tokenizer, self.handle, sample, same,
                                                      self.eval_batch_size)
             if mode == "sequential" and len(batches) > 1:
                 first = self.evaluate(batches[0], pre_loc[:len(batches[0])])
