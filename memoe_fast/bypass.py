@@ -398,6 +398,38 @@ class MEMoEBypass(nn.Module):
         ``forward(x, anchor)`` returns); anchors as in :meth:`forward`."""
         return self.add_to(x, torch.zeros_like(x), anchors=anchors, scope=scope, token_seq=token_seq)
 
+    def _active(self, given: "AnchorSet", x: torch.Tensor, token_seq: torch.Tensor, n_tok: int):
+        """``(N,)`` bool: the tokens the experts act on (scope, token mask, key gate), or None for all."""
+        tok_scope = None
+        if self.config.anchor_scope and given.scope is not None:
+            tok_scope = given.scope[token_seq]
+        if given.token_mask is not None:
+            if given.token_mask.numel() != n_tok:
+                raise RuntimeError(f"token_mask has {given.token_mask.numel()} entries but the input has {n_tok} tokens")
+            tok_scope = given.token_mask if tok_scope is None else tok_scope & given.token_mask
+        if self.config.key_threshold is not None and given.candidates is not None:
+            # The key gate applies to anchors the handle computed from text once edits stored prompt keys;
+            # anchors given by hand (a ported adapter, manual mode) route as MEMoE does.
+            if tok_scope is None:
+                tok_scope = torch.ones(n_tok, dtype=torch.bool)
+            tok_scope = self._key_gate(given, x, tok_scope, token_seq, given.vectors.shape[0])
+        return tok_scope
+
+    def active_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` bool: the tokens of ``x`` the experts would act on under the anchors pinned now (they
+        are not consumed). A function of the host-MLP input and the anchors only, so the fast editor
+        computes it once per batch: tokens before a sequence's first active one never change."""
+        given = self._pending
+        if given is None:
+            raise RuntimeError("active_tokens needs anchors set (pinned) first")
+        n_tok = x.numel() // x.shape[-1]
+        token_seq = given.token_seq
+        if token_seq is None:
+            batch = x.shape[0] if x.dim() > 2 else 1
+            token_seq = torch.arange(batch).repeat_interleave(n_tok // batch)
+        tok = self._active(given, x, token_seq, n_tok)
+        return torch.ones(n_tok, dtype=torch.bool) if tok is None else tok
+
     def add_to(self, x: torch.Tensor, out: torch.Tensor, anchors: torch.Tensor | None = None,
                scope: torch.Tensor | None = None, token_seq: torch.Tensor | None = None) -> torch.Tensor:
         """``out`` plus the bypass's output for the host input ``x`` (``forward(x) = add_to(x, host(x))``).
@@ -430,19 +462,7 @@ class MEMoEBypass(nn.Module):
                                f"{given.vectors.shape[0]} sequences")
         self.last_anchors = given
         sel = None
-        tok_scope = None
-        if self.config.anchor_scope and given.scope is not None:
-            tok_scope = given.scope[token_seq]
-        if given.token_mask is not None:
-            if given.token_mask.numel() != n_tok:
-                raise RuntimeError(f"token_mask has {given.token_mask.numel()} entries but the input has {n_tok} tokens")
-            tok_scope = given.token_mask if tok_scope is None else tok_scope & given.token_mask
-        if self.config.key_threshold is not None and given.candidates is not None:
-            # The key gate applies to anchors the handle computed from text once edits stored prompt keys;
-            # anchors given by hand (a ported adapter, manual mode) route as MEMoE does.
-            if tok_scope is None:
-                tok_scope = torch.ones(n_tok, dtype=torch.bool)
-            tok_scope = self._key_gate(given, x, tok_scope, token_seq, given.vectors.shape[0])
+        tok_scope = self._active(given, x, token_seq, n_tok)
         if tok_scope is not None:
             if not bool(tok_scope.any()):
                 return out  # no sequence is about an edited entity: the experts have nothing to add

@@ -38,7 +38,8 @@ import torch.utils.checkpoint
 
 from .editor import MEMoEEditor, loss_totals, row_loss
 from ..integration import transformer_blocks
-from .packing import Packed, attention_configs, block_at_rows, pack_block_inputs, packed_attention  # noqa: F401
+from .packing import (Packed, attention_configs, block_at_rows, block_at_suffix, block_keys_values,  # noqa: F401
+                      pack_block_inputs, packed_attention)
 from .frozen_block import FrozenBlocks, supported as frozen_block_supported
 from .prepack import PrepackedLinears
 
@@ -46,7 +47,7 @@ from .prepack import PrepackedLinears
 log = logging.getLogger("memoe_fast")
 
 SHORTCUTS = ("packed_rows", "packed_attention", "cached_edited_block", "last_block_at_rows", "one_node_blocks",
-             "prepacked_weights")
+             "suffix_only", "prepacked_weights")
 
 
 @dataclass
@@ -347,9 +348,76 @@ class FastMEMoEEditor(MEMoEEditor):
         self._split_reason = "the block output is additive in the MLP output"
         return store["x"], base_out
 
-    def _upper(self, prefix: "Prefix") -> torch.Tensor:
+    def _suffix_plan(self, prefix: "Prefix", anchors) -> "Suffix | None":
+        """Where only each sequence's suffix needs computing. The bypass acts on a token as a function of
+        the edited block's host-MLP input (frozen) and the anchors: from the first token it acts on, a
+        sequence's states change in every block above; before it they stay the unedited ones. So the
+        upper blocks run on the suffix rows only (from the first active token, or the first target
+        position if earlier), with the other rows' keys and values cached once. Checked against the
+        whole computation before it is used."""
+        plan = self.plan
+        pk = prefix.packed
+        why = ("no packed rows" if pk is None else "the edited block runs whole" if prefix.base_out is None else
+               "checkpointing is on" if self.checkpoint else
+               "the edited block is the last block" if len(self.blocks) - 1 <= self.handle.layer else None)
+        if why is not None:
+            plan.record("suffix_only", False, why)
+            return None
+        bypass = self.handle.bypass
+        with self.handle.anchored(anchors=anchors, token_seq=pk.token_seq, token_mask=prefix.token_mask):
+            active = bypass.active_tokens(prefix.mlp_in).cpu()
+        seq = pk.token_seq.cpu()
+        n, n_seq = seq.numel(), int(seq.max()) + 1
+        index = torch.arange(n)
+        start = torch.full((n_seq,), n, dtype=torch.long)
+        start.scatter_reduce_(0, seq[active], index[active], reduce="amin")
+        first_pred = pk.pred_abs[:, 0].cpu()
+        start = torch.minimum(start, first_pred)
+        in_suffix = index >= start[seq]
+        rows = in_suffix.nonzero().squeeze(1)
+        if rows.numel() > 0.8 * n:
+            plan.record("suffix_only", False, "the bypass acts on most tokens")
+            return None
+        upper = self.blocks[self.handle.layer + 1:]
+        kwargs = prefix.kwargs
+        try:
+            with torch.no_grad(), self.handle.disabled(), self._attention(kwargs):
+                cached, hidden = [], prefix.base_out
+                for block in upper:
+                    cached.append(block_keys_values(block, hidden, kwargs))
+                    hidden = _hidden(block(hidden, *prefix.args[1:], **kwargs))
+        except NotImplementedError as exc:
+            plan.record("suffix_only", False, f"an upper block is not LLaMA-style ({exc})")
+            return None
+        inverse = torch.full((n,), -1, dtype=torch.long)
+        inverse[rows] = torch.arange(rows.numel())
+        targets = inverse[prefix.rows.cpu()]
+        suffix = Suffix(rows.to(prefix.mlp_in.device), cached, targets.to(prefix.mlp_in.device))
+        # The check: the suffix path equals the whole computation, with the bypass as it is now.
+        with torch.no_grad(), self._attention(kwargs), self._linears():
+            with self.handle.anchored(anchors=anchors, token_seq=pk.token_seq, token_mask=prefix.token_mask):
+                whole = self._upper(prefix, use_suffix=False)
+            with self.handle.anchored(anchors=anchors, token_seq=pk.token_seq[rows], token_mask=None if
+                                      prefix.token_mask is None else prefix.token_mask[rows]):
+                part = self._upper_suffix(prefix, suffix)
+        if not _agree(part, whole, rtol=1e-4):
+            plan.record("suffix_only", False, "check failed: differs from the whole computation", failed_check=True)
+            return None
+        plan.record("suffix_only", True, f"{rows.numel()} of {n} rows run above the edited block")
+        return suffix
+
+    def _upper_suffix(self, prefix: "Prefix", suffix: "Suffix") -> torch.Tensor:
+        rows = suffix.rows
+        hidden = self.handle.bypass.add_to(prefix.mlp_in[0, rows], prefix.base_out[0, rows])
+        for block, cached in zip(self.blocks[self.handle.layer + 1:], suffix.cached):
+            hidden = block_at_suffix(block, hidden, rows, cached, prefix.kwargs)
+        return hidden.index_select(0, suffix.targets)
+
+    def _upper(self, prefix: "Prefix", use_suffix: bool = True) -> torch.Tensor:
         """The last block's output at the target rows ``(Nt, D)`` for one micro-batch, with the bypass
-        (anchors must be set)."""
+        (anchors must be set: for the suffix rows when the micro-batch runs its suffix only)."""
+        if use_suffix and prefix.suffix is not None:
+            return self._upper_suffix(prefix, prefix.suffix)
         layer = self.handle.layer
         args, kwargs = prefix.args, prefix.kwargs
         if prefix.base_out is not None:
@@ -412,7 +480,9 @@ class FastMEMoEEditor(MEMoEEditor):
             sub = _select(batch, idx, [lengths[i] for i in idx])
             ps, ss = [prompts[i] for i in idx], [subjects[i] for i in idx]
             prefix = self._frozen_prefix(sub)
-            prefix.token_mask = self._token_mask(prefix, self._anchors(ps, ss))
+            anchors = self._anchors(ps, ss)
+            prefix.token_mask = self._token_mask(prefix, anchors)
+            prefix.suffix = self._suffix_plan(prefix, anchors)
             chunks.append((prefix, ps, ss))
         self._prefix[id(batch)] = (batch, chunks)
         return chunks
@@ -437,9 +507,13 @@ class FastMEMoEEditor(MEMoEEditor):
         loss_sum = 0.0
         for prefix, ps, ss in chunks:
             token_seq = None if prefix.packed is None else prefix.packed.token_seq
+            token_mask = prefix.token_mask
+            if prefix.suffix is not None:  # the bypass and the upper blocks run on the suffix rows only
+                token_seq = token_seq[prefix.suffix.rows]
+                token_mask = None if token_mask is None else token_mask[prefix.suffix.rows]
             # Both contexts span the backward too: checkpointing recomputes the forward there.
             with self._attention(prefix.kwargs), self._linears(), \
-                    self.handle.anchored(anchors=self._anchors(ps, ss), token_seq=token_seq, token_mask=prefix.token_mask):
+                    self.handle.anchored(anchors=self._anchors(ps, ss), token_seq=token_seq, token_mask=token_mask):
                 hidden = self._upper(prefix)
                 aux = self.handle.bypass.last_aux_loss
                 # Final norm and LM head at the real target tokens only (no padded target slots).
@@ -478,7 +552,17 @@ class Prefix:
         self.last_at_rows = False  # the last block runs at ``rows`` only (checked by the editor)
         self.fused = None  # FrozenBlocks: the upper blocks as one autograd node each (checked by the editor)
         self.token_mask = None  # (N,) bool: the tokens the bypass acts on (None: all)
+        self.suffix = None  # Suffix: run only each sequence's suffix above the edited block (checked)
         self.negatives = (None, None, None)  # per target row: negative?, unedited top ids, their log-probs
+
+
+class Suffix:
+    """The rows a micro-batch recomputes above the edited block, and what the others keep."""
+
+    def __init__(self, rows: torch.Tensor, cached: list, targets: torch.Tensor):
+        self.rows = rows  # (Ns,) packed rows from each sequence's first active (or first target) token on
+        self.cached = cached  # per upper block: rotated keys and values (1, Hkv, N, d) of the unedited states
+        self.targets = targets  # (Nt,) positions of the target rows within ``rows``
 
 
 def _agree(got: torch.Tensor, want: torch.Tensor, rtol: float, ulps: int = 16, scale: float | None = None) -> bool:

@@ -81,13 +81,9 @@ def pack_block_inputs(args: tuple, kwargs: dict, batch):
     return new_args, new_kwargs, Packed(rows.cpu(), pred_abs.to(device), rows * length + pos, length, pad_mask)
 
 
-def block_at_rows(block, hidden: torch.Tensor, rows: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """A LLaMA-style pre-norm block's output at the packed rows ``rows`` only: ``(1, N, D)`` -> ``(Nt, D)``.
-
-    Keys and values come from every row; queries, the attention output, its projection and the MLP only
-    from ``rows``. In the last block nothing else is read, so the other rows need no work. Raises
-    ``NotImplementedError`` for blocks of another layout; callers compare it to the whole block first.
-    """
+def _llama_attention(block, kwargs: dict, hidden_rows: int | None = None):
+    """``(attn, rotary, mask, (cos, sin), attention function)`` of a LLaMA-style pre-norm block over one
+    packed row; ``NotImplementedError`` for other layouts (callers check against the block first)."""
     attn = getattr(block, "self_attn", None)
     names = ("input_layernorm", "post_attention_layernorm", "mlp")
     if attn is None or not all(hasattr(block, n) for n in names) or not all(
@@ -95,22 +91,63 @@ def block_at_rows(block, hidden: torch.Tensor, rows: torch.Tensor, kwargs: dict)
         raise NotImplementedError(f"{type(block).__name__} is not a LLaMA-style block")
     rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_embeddings")
-    if rotary is None or pos is None or mask is None or mask.dim() != 4 or hidden.shape[0] != 1:
+    if rotary is None or pos is None or mask is None or mask.dim() != 4 or hidden_rows not in (None, 1):
         raise NotImplementedError("needs rotary position embeddings and a 4-D mask over one packed row")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    return attn, rotary, mask, pos, interface
+
+
+def block_at_rows(block, hidden: torch.Tensor, rows: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """A LLaMA-style pre-norm block's output at the packed rows ``rows`` only: ``(1, N, D)`` -> ``(Nt, D)``.
+
+    Keys and values come from every row; queries, the attention output, its projection and the MLP only
+    from ``rows``. In the last block nothing else is read, so the other rows need no work. Raises
+    ``NotImplementedError`` for blocks of another layout; callers compare it to the whole block first.
+    """
+    attn, rotary, mask, (cos, sin), interface = _llama_attention(block, kwargs, hidden.shape[0])
     n, nt, hd = hidden.shape[1], rows.numel(), attn.head_dim
     x = block.input_layernorm(hidden)
     q = attn.q_proj(x[:, rows]).view(1, nt, -1, hd).transpose(1, 2)
     k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
     v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
-    cos, sin = pos
     q, _ = rotary(q, q, cos[:, rows], sin[:, rows])
     _, k = rotary(k, k, cos, sin)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
     out, _ = interface(attn, q, k, v, mask[:, :, rows], dropout=0.0, scaling=attn.scaling)
     h = hidden[0, rows] + attn.o_proj(out.reshape(nt, -1))
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+def block_keys_values(block, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotated keys and the values ``(1, Hkv, N, d)`` a LLaMA-style block computes from the packed
+    states ``hidden`` ``(1, N, D)`` (what :func:`block_at_suffix` caches)."""
+    attn, rotary, _, (cos, sin), _ = _llama_attention(block, kwargs, hidden.shape[0])
+    n, hd = hidden.shape[1], attn.head_dim
+    x = block.input_layernorm(hidden)
+    k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(1, n, -1, hd).transpose(1, 2)
+    _, k = rotary(k, k, cos, sin)
+    return k, v
+
+
+def block_at_suffix(block, h_rows: torch.Tensor, rows: torch.Tensor, cached: tuple, kwargs: dict) -> torch.Tensor:
+    """A LLaMA-style block's output at ``rows`` ``(Nt, D)`` from the new states there ``h_rows``
+    ``(Nt, D)``, every other row's keys and values taken from ``cached`` (:func:`block_keys_values` of
+    the states those rows keep). Exact when the rows outside ``rows`` do not change, which is what the
+    fast editor checks: the bypass acts only from each sequence's first active token on, so every
+    token before it keeps its unedited state in every block."""
+    attn, rotary, mask, (cos, sin), interface = _llama_attention(block, kwargs)
+    nt, hd = rows.numel(), attn.head_dim
+    x = block.input_layernorm(h_rows).unsqueeze(0)
+    q = attn.q_proj(x).view(1, nt, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, nt, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(1, nt, -1, hd).transpose(1, 2)
+    q, k = rotary(q, k, cos[:, rows], sin[:, rows])
+    keys, values = cached[0].index_copy(2, rows, k), cached[1].index_copy(2, rows, v)
+    out, _ = interface(attn, q, keys, values, mask[:, :, rows], dropout=0.0, scaling=attn.scaling)
+    h = h_rows + attn.o_proj(out.reshape(nt, -1))
     return h + block.mlp(block.post_attention_layernorm(h))
 
 
