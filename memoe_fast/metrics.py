@@ -153,7 +153,10 @@ def evaluate(model, tokenizer, requests, handle=None, pre_locality: list | None 
                                          batch_size, logits_fn), owner):
         gen_scores[i].append(token_accuracy(p, t))
     generality = [mean(s) for s in gen_scores]
-    post_loc = locality_tokens(model, tokenizer, requests, handle, batch_size, logits_fn)
+    if pre_locality is not None and handle is not None and not handle.bypass.enabled:
+        post_loc = pre_locality  # the unedited model measured against itself: nothing to recompute
+    else:
+        post_loc = locality_tokens(model, tokenizer, requests, handle, batch_size, logits_fn)
     pre_loc = pre_locality if pre_locality is not None else post_loc
     locality = [None if a is None else locality_agreement(a, b) for a, b in zip(post_loc, pre_loc)]
     return {
