@@ -362,3 +362,17 @@ def test_key_gate_edits_are_kept_through_save_and_load(tiny_model, tokenizer, tm
             torch.testing.assert_close(tiny_model(**enc).logits, edited, rtol=0, atol=0)
     finally:
         handle.remove()
+
+
+def test_edit_takes_easyedit_request_dicts(tiny_model, tokenizer):
+    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=2, impl="reference"))
+    try:
+        result = editor.edit([{"prompt": "The capital of France is", "target_new": "Rome", "subject": "France",
+                               "rephrase_prompt": "France's capital city is",
+                               "locality": {"neighborhood": {"prompt": "Water boils at", "ground_truth": "100"}}}],
+                             evaluate=True)
+        assert result["n_edits"] == 1 and result["post"]["locality"] is not None
+        with pytest.raises(ValueError, match="not both"):
+            editor.edit([REQUESTS[0], {"prompt": "a", "target_new": "b", "subject": "a"}], evaluate=False)
+    finally:
+        editor.handle.remove()

@@ -323,6 +323,13 @@ class MEMoEEditor:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not requests:
             raise ValueError("no edit requests given")
+        if any(isinstance(r, dict) for r in requests):
+            if not all(isinstance(r, dict) for r in requests):
+                raise ValueError("requests: give either EditRequest objects or EasyEdit request dicts, not both")
+            # EasyEdit's request dicts (prompt, target_new, subject, rephrase_prompt, nested locality ...).
+            from ..easyedit import requests_from_dicts
+
+            requests = requests_from_dicts(list(requests))
         if mode == "sequential" and (batch_size is None or batch_size < 1):
             raise ValueError("sequential editing needs batch_size >= 1")
         torch.manual_seed(self.config.seed)
