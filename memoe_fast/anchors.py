@@ -276,17 +276,21 @@ class AnchorBank:
 
 
 def first_token_after(tokenizer, ids: list[int], char_end: int) -> int:
-    """Index of the first token of ``ids`` after character ``char_end`` of their decoded text
-    (``skip_special_tokens=True``, no clean-up): the first token past an entity mention. 0 when
-    ``char_end < 0`` (position unknown: every token counts), ``len(ids)`` when the text ends there."""
+    """Index of the first token of ``ids`` that reaches past character ``char_end`` of their decoded text
+    (``skip_special_tokens=True``, no clean-up): the first token not wholly inside an entity mention. 0
+    when ``char_end < 0`` (position unknown: every token counts), ``len(ids)`` when the text ends there."""
     if char_end <= 0:
         return 0
+    decode = lambda k: tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False)
     lo, hi = 0, len(ids)
     while lo < hi:  # the shortest prefix whose text reaches char_end
         mid = (lo + hi) // 2
-        text = tokenizer.decode(ids[:mid], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if len(text) >= char_end:
+        if len(decode(mid)) >= char_end:
             hi = mid
         else:
             lo = mid + 1
+    # A token that ends the entity and goes on past it ("56)?" split as "56", ")?") is partly after it:
+    # it counts as after, or an entity at the end of a question would leave no token to act on.
+    if 0 < lo and len(decode(lo)) > char_end:
+        return lo - 1
     return lo

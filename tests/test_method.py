@@ -376,3 +376,13 @@ def test_edit_takes_easyedit_request_dicts(tiny_model, tokenizer):
             editor.edit([REQUESTS[0], {"prompt": "a", "target_new": "b", "subject": "a"}], evaluate=False)
     finally:
         editor.handle.remove()
+
+
+def test_a_token_running_past_the_entity_counts_as_after_it(tokenizer):
+    text = "What company made USS Leedstown (APA-56)?"
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    end = text.index("(APA-56)") + len("(APA-56)")
+    k = first_token_after(tokenizer, ids, end)
+    decode = lambda part: tokenizer.decode(part, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert k < len(ids), "the question mark must leave a token for the experts"
+    assert len(decode(ids[:k])) < end <= len(decode(ids[:k + 1]))
