@@ -6,16 +6,18 @@ LLaMA-2-7B 8-bit prediction.
     PYTHONPATH=. python benchmarks/memory_model.py --measure '{"case": "tiny", ...}'            # one measurement (JSON)
 
 How a peak is measured: every case runs in a fresh Python process. Once the model is loaded (and the
-tokenizer, requests and the rest), the process's resident set ``VmRSS`` is the *baseline*; writing ``5`` to
-``/proc/self/clear_refs`` resets the kernel's high-water mark ``VmHWM`` to it; then the editor edits
-(``evaluate=False``) and ``VmHWM`` is the *absolute peak*. The model predicts the **increase** (peak -
-baseline: experts, optimiser state, prefix, activations, packed copies) and, separately, the backbone's
-weights, which are compared to the RSS the model load added. glibc's malloc is pinned to mmap every
-allocation of 64 KiB or more (``MALLOC_MMAP_THRESHOLD_``): freed tensors then leave the resident set at
-once, so the RSS tracks the live tensors instead of the heap's history (with the default dynamic
-threshold, freed activations stay resident and the peak drifts between runs). The torch profiler's memory
-events were not used: they record every allocation of a run (millions in a 7B-shaped edit) and change the
-timing of what they watch.
+tokenizer, requests and the rest), that is the *baseline*; then the editor edits (``evaluate=False``,
+at least two steps, so that Adam's state exists) while a thread samples the process's resident
+*anonymous* memory (``/proc/self/statm``: resident minus file-backed pages) every 2 ms; torch releases
+the GIL inside its ops and in backward, so the samples land inside them. The model predicts the
+**increase** of that peak over the baseline (experts, optimiser state, prefix, activations, packed
+copies); the backbone's weights are compared to the bytes of the model's tensors. The kernel's
+high-water mark ``VmHWM`` (reset to the baseline through ``/proc/self/clear_refs``) is reported too, but
+it counts file-backed pages (the shared libraries' code), which a loaded machine evicts and reloads
+during a long run, so it can drift by hundreds of MiB either way. glibc's malloc is pinned to mmap
+every allocation of 64 KiB or more (``MALLOC_MMAP_THRESHOLD_``): freed tensors then leave the resident
+set at once, so it tracks the live tensors instead of the heap's history. The torch profiler's memory
+events were not used: they record every allocation of a run and change the timing of what they watch.
 """
 from __future__ import annotations
 
@@ -42,10 +44,12 @@ CASES = [
      dict(case="smollm2", n=30, experts=4, micro_batch=64, steps=3)),
     ("SmolLM2-135M fp32, 30 demo edits, E=4, micro-batch 8",
      dict(case="smollm2", n=30, experts=4, micro_batch=8, steps=3)),
+    ("SmolLM2-135M bf16 (autograd upper blocks), 43 demo edits, E=4, micro-batch 43",
+     dict(case="smollm2", dtype="bfloat16", n=43, experts=4, micro_batch=43, steps=3)),
     ("LLaMA-2-7B-shaped, 4 blocks int8 (bitsandbytes), layer 1, 8 edits, E=2 bf16, micro-batch 4",
      dict(case="llama7b", layers=4, layer=1, n=8, experts=2, expert_dtype="bfloat16", micro_batch=4, steps=2)),
-    ("LLaMA-2-7B-shaped, 4 blocks int8 (bitsandbytes), layer 1, 8 edits, E=1 fp32, micro-batch 8",
-     dict(case="llama7b", layers=4, layer=1, n=8, experts=1, expert_dtype="float32", micro_batch=8, steps=2)),
+    ("LLaMA-2-7B-shaped, 2 blocks int8 (bitsandbytes), layer 0, 2 edits, E=1 fp32, micro-batch 2",
+     dict(case="llama7b", layers=2, layer=0, n=2, experts=1, expert_dtype="float32", micro_batch=2, steps=2)),
 ]
 
 
@@ -58,6 +62,38 @@ def proc_status() -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(line.split()[1]) * 1024
     return out
+
+
+def anon_bytes() -> int:
+    """Resident anonymous memory (``/proc/self/statm``: resident minus file-backed and shared pages)."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+class AnonPeak:
+    """The peak of :func:`anon_bytes` while running, sampled every ``interval`` seconds by a thread (torch
+    releases the GIL inside its ops and in backward, so the thread samples while they run)."""
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.interval, self.peak, self._stop = interval, anon_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, anon_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anon_bytes())
 
 
 def reset_peak() -> None:
@@ -114,7 +150,7 @@ def measure(spec: dict) -> dict:
         from memoe_fast.datasets import load_demo
         from memoe_fast.models import load_model
 
-        model, tok = load_model(device="cpu")
+        model, tok = load_model(device="cpu", dtype=spec.get("dtype", "float32"))
         requests = load_demo(spec["n"])
         nlp = lambda _text: _NoEntities()  # noqa: E731  (no spaCy pipeline in the measured process)
     else:
@@ -138,27 +174,49 @@ def measure(spec: dict) -> dict:
     if spec.get("trace"):
         def note(opt, *_):
             st = proc_status()
-            trace.append((len(trace), st["VmRSS"] // MiB, st["VmHWM"] // MiB))
-        torch.optim.optimizer.register_optimizer_step_pre_hook(note)
-        torch.optim.optimizer.register_optimizer_step_post_hook(note)
+            trace.append((len(trace), st["VmRSS"] // MiB, st["VmHWM"] // MiB, anon_bytes() // MiB))
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        register_optimizer_step_pre_hook(note)
+        register_optimizer_step_post_hook(note)
     gc.collect()
-    base = proc_status()["VmRSS"]
+    base, base_anon = proc_status()["VmRSS"], anon_bytes()
     reset_peak()
     t0 = time.perf_counter()
+    sampler = AnonPeak().__enter__()
     editor = FastMEMoEEditor(model, tok, config, nlp=nlp, micro_batch=mb, prepack=spec.get("prepack", True))
+    if spec.get("trace"):
+        trace.append(("editor", proc_status()["VmRSS"] // MiB, anon_bytes() // MiB))
+        prepare = editor.prepare
+
+        def traced_prepare(requests):
+            prepare(requests)
+            trace.append(("prepared", proc_status()["VmRSS"] // MiB, anon_bytes() // MiB))
+
+        editor.prepare = traced_prepare
     editor.edit(requests, mode="batch", evaluate=False)
+    sampler.__exit__()
     seconds = time.perf_counter() - t0
     peak = proc_status()["VmHWM"]
     shape = BackboneShape.from_model(model)
-    pred = predict_peak(shape, len(requests), layer=editor.handle.layer, micro_batch=mb, prompt_tokens=prompt,
-                        target_tokens=target, num_experts=spec["experts"], expert_dtype=spec.get("expert_dtype"),
-                        device="cpu", prepack=bool(editor.prepacked_last), padding=padding)
+    inputs = dict(n_edits=len(requests), layer=editor.handle.layer, micro_batch=mb, prompt_tokens=prompt,
+                  target_tokens=target, num_experts=spec["experts"], expert_dtype=spec.get("expert_dtype"),
+                  device="cpu", prepack=bool(editor.prepacked_last), padding=padding)
     plan = editor.plan.to_dict()
     return {"spec": spec, "loaded_bytes": base - before, "baseline_rss": base, "peak_rss": peak,
-            "increase_bytes": peak - base, "edit_s": round(seconds, 1), "prompt_tokens": prompt,
+            "rss_increase_bytes": peak - base, "increase_bytes": sampler.peak - base_anon,
+            "weights_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]), "edit_s": round(seconds, 1), "prompt_tokens": prompt,
             "target_tokens": target, "padding": padding, "prepacked": bool(editor.prepacked_last),
             "one_node_blocks": plan.get("one_node_blocks", {}).get("taken"),
-            "prediction": pred.to_dict(), "trace": trace}
+            "shape": shape.__dict__, "inputs": inputs, "trace": trace}
+
+
+def predict(r: dict) -> dict:
+    """The model's prediction for a measured run, from the run's shape and inputs."""
+    from memoe_fast.editing.memory import BackboneShape, predict_peak
+
+    inputs = dict(r["inputs"])
+    return predict_peak(BackboneShape(**r["shape"]), inputs.pop("n_edits"), **inputs).to_dict()
 
 
 def measure_in_subprocess(spec: dict, timeout: float = 1800) -> dict:
@@ -172,14 +230,16 @@ def measure_in_subprocess(spec: dict, timeout: float = 1800) -> dict:
 
 
 def validation_table(results: list[tuple[str, dict]]) -> str:
-    rows = ["| case | measured increase (MiB) | predicted increase (MiB) | error | phase | measured load (MiB) | "
-            "predicted weights (MiB) | absolute peak RSS (MiB) | edit (s) |",
-            "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    rows = ["| case | measured increase, anonymous (MiB) | measured increase, VmHWM (MiB) | predicted increase (MiB) | "
+            "error vs anonymous | peaking moment | weights: tensors / predicted (MiB) | absolute VmHWM (MiB) | edit (s) |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for label, r in results:
         p = r["prediction"]
         err = (p["increase_bytes"] - r["increase_bytes"]) / r["increase_bytes"]
-        rows.append(f"| {label} | {r['increase_bytes'] / MiB:.0f} | {p['increase_bytes'] / MiB:.0f} | {err:+.1%} | "
-                    f"{p['phase']} | {r['loaded_bytes'] / MiB:.0f} | {p['terms']['backbone_weights'] / MiB:.0f} | "
+        experts = p["terms"]["experts_and_gate"]  # the model's tensors are counted after the bypass is applied
+        rows.append(f"| {label} | {r['increase_bytes'] / MiB:.0f} | {r['rss_increase_bytes'] / MiB:.0f} | "
+                    f"{p['increase_bytes'] / MiB:.0f} | {err:+.1%} | {p['phase']} | "
+                    f"{(r['weights_bytes'] - experts) / MiB:.0f} / {p['terms']['backbone_weights'] / MiB:.0f} | "
                     f"{r['peak_rss'] / MiB:.0f} | {r['edit_s']} |")
     return "\n".join(rows)
 
@@ -224,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--predict-only", action="store_true", help="print the 7B prediction table only")
     p.add_argument("--cases", default=None, help="comma-separated case indices (default: all)")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--save", default=None, help="also write the raw measurements to this JSON file")
+    p.add_argument("--load", default=None, help="render the tables from measurements saved with --save")
     args = p.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
@@ -234,11 +296,19 @@ def main(argv=None) -> int:
         return 0
     chosen = CASES if args.cases is None else [CASES[int(i)] for i in args.cases.split(",")]
     results = []
-    for label, spec in chosen:
+    if args.load:
+        with open(args.load, encoding="utf-8") as f:
+            results = [tuple(x) for x in json.load(f)]
+    for label, spec in ([] if args.load else chosen):
         r = measure_in_subprocess(spec)
+        results.append((label, r))
+        if args.save:
+            with open(args.save, "w", encoding="utf-8") as f:
+                json.dump(results, f)
+    for label, r in results:
+        r["prediction"] = predict(r)
         print(f"{label}: measured +{r['increase_bytes'] / MiB:.0f} MiB, predicted "
               f"+{r['prediction']['increase_bytes'] / MiB:.0f} MiB ({r['prediction']['phase']})", flush=True)
-        results.append((label, r))
     val = validation_table(results)
     text = "\n".join([
         "## Memory model of the fast editor: measured on the CPU, predicted for LLaMA-2-7B 8-bit", "",
