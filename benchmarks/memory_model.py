@@ -156,10 +156,13 @@ def measure(spec: dict) -> dict:
     else:
         model, tok, requests, nlp = _tiny_or_7b_model(spec)
     # Loaded weights may be pages of the mmapped checkpoint, resident only once read: copy them into
-    # memory of their own, so that the baseline holds the whole backbone.
+    # memory of their own, so that the baseline holds the whole backbone. Not the int8 weights: a
+    # bitsandbytes weight also keeps its bytes as ``CB`` (moved to the layer's state on the first
+    # forward), so a copy would count them twice in the baseline and drop out during the edit.
     with torch.no_grad():
         for prm in model.parameters():
-            prm.data = prm.data.clone()
+            if prm.dtype != torch.int8:
+                prm.data = prm.data.clone()
     config = MEMoEConfig(num_experts=spec["experts"], steps=spec["steps"], expert_dtype=spec.get("expert_dtype"),
                          layer=spec.get("layer"), stop_loss=0.0, seed=0)
     pairs = [encode_pair(tok, r.prompt, r.target) for r in requests]
