@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--impl", choices=IMPLEMENTATIONS, default="auto", help="bypass implementation")
     e.add_argument("--editor", choices=EDITORS, default="fast", help="fast (cached frozen prefix) or reference editor")
     e.add_argument("--micro-batch", type=int, default=64, help="fast editor: sequences per forward (gradients accumulate)")
+    e.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="fast editor: the largest micro-batch whose predicted peak memory stays under SIZE "
+                        "(e.g. 22GiB; memoe_fast.editing.memory), instead of --micro-batch")
     e.add_argument("--checkpoint", action="store_true", help="fast editor: recompute the upper blocks in backward (less memory)")
     e.add_argument("--no-prepack", action="store_true",
                    help="fast editor, CPU: no packed weight copies for oneDNN (less memory, ~5%% slower steps)")
@@ -158,6 +161,7 @@ def cmd_edit(args) -> int:
         raise ValueError(f"--micro-batch must be >= 1, got {args.micro_batch}")
     if args.mode == "sequential" and not args.batch_size:
         raise ValueError("--mode sequential needs --batch-size")
+    budget = _memory_budget(args)
     config = _config_from_args(args)
     requests = load_requests(args.data, args.n)  # bad data fails here, before the model loads
     torch.manual_seed(args.seed)
@@ -173,6 +177,10 @@ def cmd_edit(args) -> int:
         from .editing.editor import MEMoEEditor as Editor
     extra = ({"micro_batch": args.micro_batch, "checkpoint": args.checkpoint, "prepack": not args.no_prepack}
              if args.editor == "fast" else {})
+    memory_model = None
+    if budget is not None:
+        memory_model = pick_for_budget(budget, model, tokenizer, requests, config, args)
+        extra["micro_batch"] = memory_model["micro_batch"]
     editor = Editor(model, tokenizer, config, progress=progress, **extra)
     out = os.path.abspath(args.out)
     checkpoint = os.path.join(out, "checkpoint") if args.mode == "sequential" else None
@@ -190,12 +198,53 @@ def cmd_edit(args) -> int:
         "impl": resolve_impl(editor.handle.bypass.impl, editor.device), "config": config.to_dict(), "layer": editor.handle.layer,
         "memory": peak_memory_mib(), "versions": _versions(), "device": str(editor.device),
     })
+    if memory_model is not None:
+        result["memory_model"] = memory_model
     editor.handle.save(os.path.join(out, "edits"), extra={"model": args.model, "load_in_8bit": args.load_in_8bit},
                        requests=requests)
     atomic_write_json(os.path.join(out, "results.json"), result)
     print(format_table(result))
     print(f"wrote {os.path.join(out, 'results.json')} and {os.path.join(out, 'edits')}")
     return 0
+
+
+def _memory_budget(args) -> int | None:
+    """``--memory-budget`` in bytes (checked before the model loads)."""
+    if args.memory_budget is None:
+        return None
+    from .editing.memory import parse_size
+
+    if args.editor != "fast":
+        raise ValueError("--memory-budget picks the fast editor's micro-batch: it needs --editor fast")
+    try:
+        return parse_size(args.memory_budget)
+    except ValueError as exc:
+        raise ValueError(f"--memory-budget: {exc}") from None
+
+
+def pick_for_budget(budget: int, model, tokenizer, requests, config, args) -> dict:
+    """The micro-batch the memory model picks for ``budget``, with its predicted peak (for results.json)."""
+    from .editing.memory import BackboneShape, pick_micro_batch, predict_peak
+    from .metrics import encode_pair
+
+    try:
+        shape = BackboneShape.from_model(model)
+    except AttributeError as exc:
+        raise ValueError(f"--memory-budget: the memory model covers LLaMA-style backbones ({exc})") from None
+    pairs = [encode_pair(tokenizer, r.prompt, r.target) for r in requests]
+    # Sequences trained together: the batch (sequential: one batch, or all seen ones with replay), split by
+    # --update-batch, each edit with up to `negatives` same-subject prompts.
+    n = len(requests) if args.mode == "batch" or config.replay else min(args.batch_size, len(requests))
+    n = (min(n, config.update_batch) if config.update_batch > 0 else n) * (1 + config.negatives)
+    kw = dict(layer=config.layer, prompt_tokens=sum(len(p) for p, _ in pairs) / len(pairs),
+              target_tokens=sum(len(t) for _, t in pairs) / len(pairs), num_experts=config.num_experts,
+              expert_dtype=config.expert_dtype, device=next(model.parameters()).device.type,
+              prepack=not args.no_prepack,
+              gate_trains=config.aux_loss_weight > 0 or not (config.top_k == 1 and config.renormalize))
+    micro = pick_micro_batch(budget, shape, n, **kw)
+    pred = predict_peak(shape, n, micro_batch=micro, **kw)
+    return {"budget_bytes": budget, "micro_batch": micro, "predicted_peak_bytes": pred.total,
+            "predicted_peak_gib": round(pred.total / 2**30, 3), "sequences": n, "prediction": pred.to_dict()}
 
 
 def cmd_generate(args) -> int:
