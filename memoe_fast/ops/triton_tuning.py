@@ -67,11 +67,15 @@ def device_limits(device: torch.device) -> DeviceLimits | None:
 @dataclass(frozen=True)
 class Footprint:
     """Per K step, a GEMM site loads ``n_a`` tiles of (BLOCK_M, BLOCK_K) and ``n_b`` of (BLOCK_K, BLOCK_N)
-    and keeps ``n_acc`` fp32 accumulators of (BLOCK_M, BLOCK_N)."""
+    and keeps ``n_acc`` fp32 accumulators of (BLOCK_M, BLOCK_N). ``acc_cost`` is the registers per
+    accumulator element of a thread: 1.5 for an epilogue that stores rows in place, 3.5 for one that
+    scatters to token rows (64-bit offsets, masks and the coefficients live beside the accumulator);
+    fitted to ``ptxas -v`` over the compile matrix (tests/test_compile_matrix.py)."""
 
     n_a: int = 1
     n_b: int = 1
     n_acc: int = 1
+    acc_cost: float = 3.5
 
 
 def gemm_shared_bytes(cfg: triton.Config, fp: Footprint, elem_bytes: int) -> int:
@@ -79,16 +83,16 @@ def gemm_shared_bytes(cfg: triton.Config, fp: Footprint, elem_bytes: int) -> int
     epilogue's layout conversion of the accumulators, whichever is larger."""
     m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     pipeline = cfg.num_stages * (fp.n_a * m * k + fp.n_b * k * n) * elem_bytes
-    return max(pipeline, m * n * 4)
+    return max(pipeline + 8192, m * n * 4)
 
 
 def gemm_registers(cfg: triton.Config, fp: Footprint, elem_bytes: int) -> int:
-    """Registers per thread: the fp32 accumulators, the operand fragments of one K step (twice for
-    fp32 operands, which tf32x3 splits into a high and a low part), and a fixed allowance for
-    addresses, masks and loop state."""
+    """Registers per thread: the fp32 accumulators and what the epilogue keeps beside them, the operand
+    fragments of one K step (twice for fp32 operands, which tf32x3 splits into a high and a low part),
+    and a fixed allowance for addresses, masks and loop state."""
     m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     threads = 32 * cfg.num_warps
-    acc = fp.n_acc * m * n // threads
+    acc = int(fp.acc_cost * fp.n_acc * m * n / threads)
     operands = (fp.n_a * m * k + fp.n_b * k * n) * elem_bytes // 4 // threads
     if elem_bytes == 4:
         operands *= 2
@@ -103,7 +107,8 @@ def gemm_candidates() -> list[triton.Config]:
     """The search space of the grouped-GEMM sites (before pruning): small row tiles for editing-sized
     calls (tens of slots per expert), wide ones for long prefills; BLOCK_K up to 128; grouped order."""
     return [
-        _cfg(16, 64, 128, 1, 4, 3), _cfg(16, 128, 64, 1, 4, 4), _cfg(32, 64, 64, 8, 4, 4), _cfg(32, 128, 64, 8, 4, 3),
+        _cfg(16, 64, 64, 1, 4, 3), _cfg(16, 64, 128, 1, 4, 3), _cfg(16, 128, 64, 1, 4, 4), _cfg(32, 64, 64, 8, 4, 3),
+        _cfg(32, 64, 32, 8, 4, 2), _cfg(32, 64, 64, 8, 4, 4), _cfg(32, 128, 64, 8, 4, 3), _cfg(64, 64, 32, 8, 4, 4),
         _cfg(64, 64, 64, 8, 4, 3), _cfg(64, 128, 32, 8, 4, 4), _cfg(64, 128, 64, 8, 4, 3), _cfg(128, 64, 64, 8, 4, 3),
         _cfg(128, 128, 32, 8, 8, 3), _cfg(128, 128, 64, 8, 8, 3), _cfg(128, 256, 64, 8, 8, 3), _cfg(64, 256, 32, 8, 8, 4),
         _cfg(64, 64, 128, 8, 4, 3), _cfg(128, 128, 128, 8, 8, 2),
@@ -126,7 +131,7 @@ def gate_cost(inner: str):
         block_e = max(2, triton.next_power_of_2(int(nargs.get("E", 16))))
         threads = 32 * cfg.num_warps
         elems = cfg.kwargs.get("BLOCK_T", cfg.kwargs.get("BLOCK_S", 16)) * block_e * cfg.kwargs[inner]
-        return elems * 4 // max(1, cfg.num_warps) // 8, elems // threads + 64
+        return elems // 2 + 4096, elems // threads + 96
 
     return cost
 
