@@ -259,5 +259,20 @@ def gemm_site(name: str, kernel, footprint: Footprint, key: list, dtype_arg: str
 __all__ = [
     "ARCH_LIMITS", "CONFIG_ENV", "DeviceLimits", "Footprint", "LaunchSite", "capture_launches", "device_limits",
     "gate_candidates", "gate_cost", "gemm_candidates", "gemm_registers", "gemm_shared_bytes", "gemm_site", "interpreting",
-    "parse_config", "pinned", "t_bucket",
+    "config_id", "parse_config", "pinned", "selectable", "t_bucket",
 ]
+
+
+def selectable(site: LaunchSite, nargs: dict | None = None) -> list:
+    """The configs the autotuner of ``site`` can choose on some target: kept on at least one of
+    ARCH_LIMITS for 16-bit or fp32 operands (the interpreter tests run every one of them)."""
+    out = []
+    for cfg in site.candidates:
+        if any(site.fits(cfg, limits, es, nargs) for limits in ARCH_LIMITS.values() for es in (2, 4)):
+            out.append(cfg)
+    return out
+
+
+def config_id(cfg: triton.Config) -> str:
+    return "-".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in cfg.kwargs.items()) + \
+        f"-w{cfg.num_warps}-s{cfg.num_stages}"
