@@ -194,6 +194,7 @@ class LaunchSite:
         self.restore = list(restore)
         self.gemm = gemm
         self._tuner = None
+        self.last_kwargs = None
 
     def fits(self, cfg: triton.Config, limits: DeviceLimits, elem_bytes: int, nargs: dict | None = None) -> bool:
         shared, regs = self.cost(cfg, elem_bytes, nargs or {})
@@ -235,7 +236,13 @@ class LaunchSite:
         """{autotune key: chosen Config} so far (empty until the site has been autotuned)."""
         return dict(self._tuner.cache) if self._tuner is not None else {}
 
+    # Set by benchmarks/gpu_check.py: each site keeps its latest launch arguments, so that the compiled
+    # kernel of a chosen config can be looked up for its on-device registers, spills and shared memory.
+    keep_last = False
+
     def launch(self, grid, **kwargs) -> None:
+        if LaunchSite.keep_last:
+            self.last_kwargs = kwargs
         if _CAPTURE is not None:
             _CAPTURE.append((self, kwargs))
             return
