@@ -14,6 +14,11 @@ import sys
 import pytest
 import torch
 
+# The in-process parts only capture launches, and the interpreter must be chosen before triton is first
+# imported by any test file (the matrix itself compiles in a subprocess without it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be compiled")
 
 from memoe_fast.ops.compile_matrix import ARCHS, capture_calls  # noqa: E402

@@ -193,6 +193,8 @@ def run_matrix(subset: str = "ci", budget_s: float | None = None, log=print) -> 
                             if budget_s is not None and time.time() - start > budget_s:
                                 raise TimeoutError(f"compile matrix: time budget of {budget_s:.0f} s spent")
                             shared, regs, spill, cached, secs = compile_one(site, kwargs, cfg, arch, cache)
+                            if not cached and len(rows) % 10 == 0:
+                                _save(path, cache)  # an interrupted run keeps what it compiled
                             est_shared, est_regs = site.cost(cfg, es, kwargs)
                             rows.append(Row(site.name, arch, dtype_name, variant, _config_str(cfg), shared,
                                             limits.shared_bytes, regs, spill, est_shared, est_regs, round(secs, 1),
@@ -201,9 +203,15 @@ def run_matrix(subset: str = "ci", budget_s: float | None = None, log=print) -> 
                                 f"/{limits.shared_bytes} regs {regs:3d} spill {spill:4d}"
                                 f"{' (cached)' if cached else f' {secs:.1f} s'}")
     finally:
-        with open(path, "w") as f:
-            json.dump(cache, f)
+        _save(path, cache)
     return rows
+
+
+def _save(path: str, cache: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(cache, f)
+    os.replace(tmp, path)
 
 
 def problems(rows: list[Row]) -> list[str]:
@@ -218,13 +226,27 @@ def problems(rows: list[Row]) -> list[str]:
     return out
 
 
-def markdown(rows: list[Row], archs=(89, 90)) -> str:
-    lines = ["| site | arch | dtype | config (BLOCK_* / warps / stages) | shared KiB (limit) | registers | spills |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r.site, r.arch, r.dtype, r.config)):
-        if r.arch in archs:
-            lines.append(f"| {r.site} | sm_{r.arch} | {r.dtype} | {r.config} | {r.shared / 1024:.1f} "
-                         f"({r.shared_limit / 1024:.0f}) | {r.registers} | {r.spill_bytes} |")
+def markdown(rows: list[Row], archs=(89, 90), dtypes=("bfloat16",)) -> str:
+    """One line per (site, dtype, config) the pruner keeps; per architecture the compiler's shared memory
+    (KiB), ptxas registers and spill bytes ("-": pruned for that architecture). Where several variants
+    share a site (k = 1 and 2, E = 4 and 8, with or without biases) the line shows the worst of them."""
+    cells: dict = {}
+    for r in rows:
+        if r.arch in archs and r.dtype in dtypes:
+            cell = cells.setdefault((r.site, r.dtype, r.config), {})
+            old = cell.get(r.arch)
+            if old is None or (r.spill_bytes, r.registers, r.shared) > (old.spill_bytes, old.registers, old.shared):
+                cell[r.arch] = r
+    head = "| site | dtype | config (BLOCK_M x N x K x GROUP_M, warps, stages) | " + " | ".join(
+        f"sm_{a} smem KiB / regs / spill" for a in archs) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(archs)]
+    for (site, dtype, config), by_arch in sorted(cells.items()):
+        cols = [f"{by_arch[a].shared / 1024:.0f} / {by_arch[a].registers} / {by_arch[a].spill_bytes}" if a in by_arch
+                else "-" for a in archs]
+        lines.append(f"| {site} | {dtype} | {config} | " + " | ".join(cols) + " |")
+    limits = ", ".join(f"sm_{a} {r.shared_limit // 1024} KiB" for a in archs
+                       for r in [next((x for x in rows if x.arch == a), None)] if r is not None)
+    lines.append(f"\nShared-memory limits per block: {limits}; 255 registers per thread.")
     return "\n".join(lines)
 
 
@@ -235,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None)
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--markdown", action="store_true", help="print the sm_89/sm_90 table")
+    ap.add_argument("--markdown-dtypes", default="bfloat16", help="comma-separated dtypes of the table")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -245,7 +268,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f)
     if args.markdown:
-        print(markdown(rows))
+        print(markdown(rows, dtypes=tuple(args.markdown_dtypes.split(","))))
     bad = problems(rows)
     for b in bad:
         print("DOES NOT FIT:", b)

@@ -33,7 +33,9 @@ ACT_CODES = {"silu_glu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 POISON = False
 
 # One launch site, hence one autotune cache, per job and operand layout. The GLU variants load two
-# weight tiles per K step (and the forward keeps two accumulators), so they prune differently.
+# weight tiles per K step (and the forward keeps two accumulators), so they prune differently; the
+# down-projection weight gradient scales its gathered rows in fp32 and sums the bias beside the
+# accumulator, which costs registers (2.5 per accumulator element, from ptxas on sm_89).
 SITES = {
     "expert_up_fwd_glu": gemm_site("expert_up_fwd_glu", _expert_up_fwd_kernel, Footprint(n_a=1, n_b=2, n_acc=2, acc_cost=1.5),
                                    ["D", "F"], "x_ptr"),
@@ -48,7 +50,8 @@ SITES = {
                            restore=("dx_ptr",)),
     "expert_wgrad_first": gemm_site("expert_wgrad_first", _expert_wgrad_in_kernel, Footprint(acc_cost=1.5), ["F", "D"], "x_ptr"),
     "expert_wgrad_up": gemm_site("expert_wgrad_up", _expert_wgrad_in_kernel, Footprint(acc_cost=1.5), ["F", "D"], "x_ptr"),
-    "expert_wgrad_down": gemm_site("expert_wgrad_down", _expert_wgrad_down_kernel, Footprint(acc_cost=1.5), ["D", "F"], "a_ptr"),
+    "expert_wgrad_down": gemm_site("expert_wgrad_down", _expert_wgrad_down_kernel, Footprint(acc_cost=2.5),
+                                   ["D", "F"], "a_ptr"),
     "gate_anchor": LaunchSite(
         "gate_anchor", _gate_anchor_kernel, [triton.Config({"BLOCK_S": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2)],
         ["A", "E"], gate_cost("BLOCK_K"), "anchor_ptr",
