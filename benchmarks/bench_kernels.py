@@ -1,4 +1,6 @@
-"""Bypass-MoE block, forward + backward: "floor" vs "reference" vs "torch" (vs "triton" on CUDA).
+"""Bypass-MoE block, forward + backward: "floor" vs "reference" vs "torch" (vs "triton" on CUDA); and
+the bypass layer alone at editing-sized calls (110 tokens): "torch" vs "reference" vs "loop", the plain
+eager per-expert loop a user would write (``python benchmarks/bench_kernels.py`` prints that table).
 
 The block is the host LLaMA MLP (frozen) plus the bypass (gating + experts, trainable); the floor is
 the host MLP plus one dense trainable host-sized FFN over the same tokens, i.e. the same matmul work
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from memoe_fast.ops import moe_bypass
 from memoe_fast.ops.reference import load_balance_loss
+from memoe_fast.ops.torch_path import gate_topk_torch
 from memoe_fast.testing import device
 
 # SmolLM2-135M block: D=576, F=1536; the bypass has E=4 experts, top-1.
@@ -125,3 +128,128 @@ def test_interleaved_torch_vs_floor(benchmark, bench_ratios):
     interleaved_group["torch"] = med["torch"]
     print(f"\ninterleaved medians: floor {med['floor']:.1f} ms, torch {med['torch']:.1f} ms, "
           f"torch/floor {med['torch'] / med['floor']:.3f}")
+
+
+def loop_bypass(x, anchor, seq_idx, *, router_weight, gate_proj, up_proj, down_proj, top_k, host_out, **_):
+    """The plain eager baseline: the same gate, then for each expert the tokens that chose it, its
+    LLaMA FFN on them, and a weighted index_add into the host output (autograd does the backward).
+    The expert weights are lists of per-expert tensors, as an ``nn.ModuleList`` of experts holds them."""
+    weights, experts, probs = gate_topk_torch(x, anchor, seq_idx, router_weight, top_k)
+    out = host_out
+    for e in range(len(up_proj)):
+        tok, slot = (experts == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x.index_select(0, tok)
+        ye = F.linear(F.silu(F.linear(xe, gate_proj[e])) * F.linear(xe, up_proj[e]), down_proj[e])
+        out = out.index_add(0, tok, ye * weights[tok, slot].unsqueeze(1).to(ye.dtype))
+    return out, probs, experts
+
+
+# The bypass layer of an edit at SmolLM2-135M widths: 110 tokens (a batch of edit prompts), E=4, k=1.
+EDIT_SHAPE = dict(tokens=110, hidden=576, ffn=1536, experts=4, top_k=1, seqs=4)
+EDIT_PROVIDERS = ("torch", "loop", "reference")
+
+
+def make_layer_step(provider: str, tokens: int, hidden: int, ffn: int, experts: int, top_k: int, seqs: int,
+                    dtype=torch.float32, dev=None):
+    """Forward + backward of the bypass layer alone (the host output is an input), as in editing: the
+    expert weights and the gate train, the tokens are a frozen prefix."""
+    dev = dev or device()
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, generator=g) * scale).to(dev, dtype).requires_grad_(grad)
+
+    x = rnd(tokens, hidden)
+    host_out = rnd(tokens, hidden)
+    grad_out = rnd(tokens, hidden)
+    args = dict(
+        router_weight=rnd(experts, 2 * hidden, scale=(2 * hidden) ** -0.5, grad=True),
+        gate_proj=rnd(experts, ffn, hidden, scale=hidden ** -0.5, grad=True),
+        up_proj=rnd(experts, ffn, hidden, scale=hidden ** -0.5, grad=True),
+        down_proj=rnd(experts, hidden, ffn, scale=ffn ** -0.5, grad=True),
+    )
+    anchors = rnd(seqs, hidden)
+    seq_idx = torch.arange(tokens, device=dev) * seqs // tokens
+    if provider == "loop":
+        args.update({k: [args[k].detach()[e].clone().requires_grad_(True) for e in range(experts)]
+                     for k in ("gate_proj", "up_proj", "down_proj")})
+    params = [p for v in args.values() for p in (v if isinstance(v, list) else [v])]
+    if provider == "loop":
+        def fn(**kw):
+            return loop_bypass(x, anchors, seq_idx, top_k=top_k, host_out=host_out, **kw)
+    else:
+        def fn(**kw):
+            return moe_bypass(x, anchors, seq_idx, top_k=top_k, activation="silu_glu", host_out=host_out,
+                              impl=provider, **kw)
+
+    def step():
+        for p in params:
+            p.grad = None
+        out, probs, chosen = fn(**args)
+        torch.autograd.backward([out, load_balance_loss(probs, chosen, experts)], [grad_out, None])
+    return step
+
+
+def interleaved_medians(steps: dict, rounds: int) -> dict:
+    """Median seconds per provider, the providers alternated round by round (a busy neighbour on a
+    shared machine slows all of them alike)."""
+    import statistics
+    import time
+
+    times = {p: [] for p in steps}
+    for s in steps.values():  # warm-up
+        s()
+        s()
+    for _ in range(rounds):
+        for p, s in steps.items():
+            _sync()
+            t0 = time.perf_counter()
+            s()
+            _sync()
+            times[p].append(time.perf_counter() - t0)
+    return {p: statistics.median(v) for p, v in times.items()}
+
+
+def test_interleaved_editing_layer(benchmark, bench_ratios):
+    """The bypass layer at an editing-sized call (110 tokens): torch vs the plain per-expert loop."""
+    steps = {p: make_layer_step(p, **EDIT_SHAPE) for p in EDIT_PROVIDERS}
+    med = {}
+
+    def run():
+        med.update(interleaved_medians(steps, int(os.environ.get("MEMOE_BENCH_ROUNDS", 30))))
+
+    benchmark.group = "interleaved bypass layer T={tokens} D={hidden} F={ffn} E={experts} k={top_k}".format(**EDIT_SHAPE)
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    group = bench_ratios.group("editing layer")
+    for p, v in med.items():
+        group[p] = v * 1e3
+    benchmark.extra_info.update(median_ms={p: v * 1e3 for p, v in med.items()}, torch_over_loop=med["torch"] / med["loop"],
+                                loadavg_1min=round(os.getloadavg()[0], 2))
+    print("\n" + format_layer_table(med, EDIT_SHAPE))
+
+
+def format_layer_table(med: dict, shape: dict) -> str:
+    lines = ["bypass layer fwd+bwd, T={tokens} D={hidden} F={ffn} E={experts} k={top_k}, interleaved medians".format(**shape),
+             "| provider | ms | loop / provider |", "|---|---|---|"]
+    for p, v in med.items():
+        lines.append(f"| {p} | {v * 1e3:.2f} | {med['loop'] / v:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="bypass layer at editing shapes, interleaved providers")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[110])
+    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    for t in a.tokens:
+        shape = dict(EDIT_SHAPE, tokens=t, top_k=a.top_k)
+        steps = {p: make_layer_step(p, **shape) for p in EDIT_PROVIDERS}
+        print(format_layer_table(interleaved_medians(steps, a.rounds), shape))

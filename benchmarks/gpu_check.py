@@ -4,12 +4,15 @@ Run by ``benchmarks/gpu_check.sh`` (which first runs the kernel tests on CUDA). 
 
     python benchmarks/gpu_check.py --out /tmp/gpu_check           # on one H100/H200
     python benchmarks/gpu_check.py --cpu-smoke --out /tmp/smoke    # tiny shapes on CPU: checks the table code
-    python benchmarks/gpu_check.py --compile-check                 # compile every kernel for sm_90, no GPU needed
+    python benchmarks/gpu_check.py --compile-check                 # compile matrix, CI subset, no GPU needed
+    python benchmarks/gpu_check.py --check-7b --out /tmp/gpu_check # bf16 7B correctness, real autotuning, chosen configs
     python benchmarks/gpu_check.py --make-shim /tmp/mf_shim        # import shim: memoe_fast from this checkout
 
-Rows: provider ("triton", "torch", "reference", "grouped_mm") x k x T x mode ("fwd", "fwd+bwd") with
-median ms, TFLOP/s of the routed experts' matmuls and the fraction of a measured dense bf16 matmul
-rate on the same card; then the gate kernel's bandwidth against a measured device-to-device copy.
+Rows: provider ("triton", "torch", "loop", "bmm", "reference", "grouped_mm") x k x T x mode ("fwd",
+"fwd+bwd") with median ms, TFLOP/s of the routed experts' matmuls, the fraction of a measured dense
+bf16 matmul rate on the same card, and the weight-bandwidth roofline (every expert weight read once per
+pass, and the gradients written once, at the measured device-to-device copy bandwidth: the honest floor
+at editing token counts); then the gate kernel's bandwidth against the same copy.
 """
 from __future__ import annotations
 
@@ -149,6 +152,57 @@ def grouped_mm_bypass(x, anchor, seq_idx, router_weight, gate_proj, up_proj, dow
     return out, probs, experts
 
 
+def loop_bypass(x, anchor, seq_idx, router_weight, gate_proj, up_proj, down_proj, top_k, host_out, **_):
+    """The eager per-expert loop: the tokens of each expert, its FFN, a weighted index_add."""
+    import torch.nn.functional as F
+
+    from memoe_fast.ops.torch_path import gate_topk_torch
+
+    weights, experts, probs = gate_topk_torch(x, anchor, seq_idx, router_weight, top_k)
+    out = host_out
+    for e in range(up_proj.shape[0]):
+        tok, slot = (experts == e).nonzero(as_tuple=True)
+        xe = x.index_select(0, tok)
+        ye = F.linear(F.silu(F.linear(xe, gate_proj[e])) * F.linear(xe, up_proj[e]), down_proj[e])
+        out = out.index_add(0, tok, ye * weights[tok, slot].unsqueeze(1).to(ye.dtype))
+    return out, probs, experts
+
+
+def bmm_bypass(x, anchor, seq_idx, router_weight, gate_proj, up_proj, down_proj, top_k, host_out, **_):
+    """``torch.bmm`` over the stacked weights, every expert on a padded (E, C, D) batch of its tokens
+    (C = the largest expert's count)."""
+    import torch
+    import torch.nn.functional as F
+
+    from memoe_fast.ops.torch_path import gate_topk_torch
+
+    weights, experts, probs = gate_topk_torch(x, anchor, seq_idx, router_weight, top_k)
+    e_count = up_proj.shape[0]
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e_count)
+    cap = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(flat.numel(), device=x.device) - starts.repeat_interleave(counts)
+    tok = order // top_k
+    xb = x.new_zeros(e_count, cap, x.shape[1])
+    xb = xb.index_put((flat[order], pos), x.index_select(0, tok))
+    h = torch.bmm(xb, gate_proj.transpose(1, 2))
+    u = torch.bmm(xb, up_proj.transpose(1, 2))
+    yb = torch.bmm(F.silu(h) * u, down_proj.transpose(1, 2))
+    y = yb[flat[order], pos]
+    coef = weights.reshape(-1)[order].unsqueeze(1).to(y.dtype)
+    return host_out.index_add(0, tok, y * coef), probs, experts
+
+
+def roofline_ms(hidden, ffn, experts, elem_bytes, mode, copy_bw_gbs) -> float:
+    """Weight-bandwidth floor: the forward reads the 3 expert weights once; forward + backward reads them
+    twice more (dx, da) and writes the 3 gradients: 3x the forward's bytes. copy_bw counts read + write."""
+    fwd = 3 * experts * ffn * hidden * elem_bytes
+    nbytes = fwd if mode == "fwd" else 3 * fwd
+    return nbytes / (copy_bw_gbs * 1e9) * 1e3
+
+
 def make_case(dev, dtype, tokens, hidden, ffn, experts, top_k, seqs=8, anchor=None):
     import torch
 
@@ -177,10 +231,14 @@ def provider_fn(name):
         if _grouped_mm_fn() is None:
             return None
         return lambda **kw: grouped_mm_bypass(**kw)
+    if name == "loop":
+        return lambda **kw: loop_bypass(**kw)
+    if name == "bmm":
+        return lambda **kw: bmm_bypass(**kw)
     return lambda **kw: moe_bypass(**kw, impl=name)
 
 
-def run_row(name, dev, dtype, tokens, hidden, ffn, experts, top_k, mode, peak, reps):
+def run_row(name, dev, dtype, tokens, hidden, ffn, experts, top_k, mode, peak, reps, copy_bw=None):
     import torch
 
     from memoe_fast.ops.reference import moe_flops
@@ -214,6 +272,9 @@ def run_row(name, dev, dtype, tokens, hidden, ffn, experts, top_k, mode, peak, r
     flops = moe_flops(tokens, hidden, ffn, top_k, glu=True, backward=mode != "fwd")
     tflops = flops / (ms * 1e-3) / 1e12
     row.update(ms=f"{ms:.3f}", tflops=f"{tflops:.1f}", frac_of_dense=f"{tflops / peak:.2f}")
+    if copy_bw:
+        floor = roofline_ms(hidden, ffn, experts, torch.empty((), dtype=dtype).element_size(), mode, copy_bw)
+        row.update(roofline_ms=f"{floor:.3f}", x_roofline=f"{ms / floor:.2f}")
     return row
 
 
@@ -238,6 +299,128 @@ def gate_bandwidth_row(dev, dtype, tokens, hidden, experts, copy_bw, reps):
 
 
 # --------------------------------------------------------------------------------------------------
+# Correctness at 7B shapes with real autotuning, and the configs each launch site chose
+
+
+CHECK_TOL = {"out": 2e-2, "probs": 1e-4, "grad": 3e-2}  # relative Frobenius error, bf16 vs fp32 reference
+
+
+def _case_7b(dev, dtype, tokens, activation, experts=4, top_k=2, seqs=8, d=4096, f=11008):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    glu = activation == "silu_glu"
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dev, dtype).requires_grad_(True)
+
+    t = dict(x=rnd(tokens, d), anchor=rnd(seqs, d), router_weight=rnd(experts, 2 * d, scale=(2 * d) ** -0.5),
+             up_proj=rnd(experts, f, d, scale=d ** -0.5), down_proj=rnd(experts, d, f, scale=f ** -0.5),
+             host_out=rnd(tokens, d))
+    if glu:
+        t["gate_proj"] = rnd(experts, f, d, scale=d ** -0.5)
+    else:
+        t["up_bias"], t["down_bias"] = rnd(experts, f, scale=0.1), rnd(experts, d, scale=0.1)
+    opts = dict(seq_idx=(torch.arange(tokens, device=dev) * seqs // tokens), top_k=top_k, activation=activation)
+    return t, opts
+
+
+def _fwd_bwd(fn, tensors, opts, seed=1):
+    import torch
+
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    out, probs, experts = fn(**leaves, **opts)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r_out = torch.randn(out.shape, generator=g).to(out.device)
+    r_probs = torch.randn(probs.shape, generator=g).to(out.device)
+    ((out.float() * r_out).sum() + (probs * r_probs).sum()).backward()
+    return out, probs, experts, {k: v.grad for k, v in leaves.items()}
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def chosen_configs(dev) -> list[dict]:
+    """Per launch site: each autotune key's chosen config and its compiled kernel's registers, spills and
+    shared memory on this device."""
+    from memoe_fast.ops.triton_path import SITES
+
+    rows = []
+    for name, site in SITES.items():
+        for key, cfg in site.chosen().items():
+            row = dict(site=name, key=str(key), config=str(cfg.kwargs) + f" w{cfg.num_warps} s{cfg.num_stages}")
+            try:
+                ck = site.kernel.warmup(grid=(1,), **site.last_kwargs, **cfg.all_kwargs())
+                if hasattr(ck, "_init_handles"):
+                    ck._init_handles()
+                row.update(registers=ck.n_regs, spills=ck.n_spills, shared=ck.metadata.shared)
+            except Exception as exc:  # report, never hide
+                row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rows.append(row)
+    return rows
+
+
+def check_7b(out_dir: str, big_tokens: int = 16384, dev=None, dtype=None, dims=None, tokens: int = 512) -> int:
+    """bf16 at LLaMA2-7B shapes with real autotuning: forward and every gradient against the fp32
+    reference on the same rounded inputs (GLU k=2 and k=1, exact GELU with biases k=2, T=512); then
+    a T=16384 call so that the second token bucket tunes; then the chosen configs. Stops at the first
+    wrong result and says which (exit status 1)."""
+    import json
+
+    import torch
+
+    from memoe_fast.ops import moe_bypass
+    from memoe_fast.ops.reference import moe_bypass_reference
+    from memoe_fast.ops.triton_tuning import LaunchSite
+
+    LaunchSite.keep_last = True
+    dev = dev or torch.device("cuda")
+    dtype = dtype or torch.bfloat16
+    dims = dims or {}
+    os.makedirs(out_dir, exist_ok=True)
+    for activation, top_k in (("silu_glu", 2), ("silu_glu", 1), ("gelu", 2)):
+        label = f"{activation} k={top_k} T={tokens}"
+        t0 = time.time()
+        tensors, opts = _case_7b(dev, dtype, tokens, activation, top_k=top_k, **dims)
+        got = _fwd_bwd(lambda **kw: moe_bypass(**kw, impl="triton"), tensors, opts)
+        ref_t = {k: v.detach().float() for k, v in tensors.items()}
+        ref = _fwd_bwd(moe_bypass_reference, ref_t, opts)
+        if not torch.equal(got[2], ref[2]):
+            print(f"WRONG: {label}: experts differ in {int((got[2] != ref[2]).sum())} places", flush=True)
+            return 1
+        checks = [("out", got[0], ref[0], CHECK_TOL["out"]), ("probs", got[1], ref[1], CHECK_TOL["probs"])]
+        checks += [(f"d{k}", got[3][k], ref[3][k], CHECK_TOL["grad"]) for k in ref[3]]
+        for name, a, b, tol in checks:
+            if a is None or not torch.isfinite(a.float()).all() or _rel(a, b) > tol:
+                err = "missing" if a is None else f"rel err {_rel(a, b):.3g} > {tol}"
+                print(f"WRONG: {label}: {name}: {err}", flush=True)
+                return 1
+        print(f"ok   {label}: out and {len(ref[3])} gradients within tolerance "
+              f"(max rel err {max(_rel(a, b) for _, a, b, _ in checks):.2e}) in {time.time() - t0:.0f} s", flush=True)
+        del tensors, got, ref, ref_t
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    tensors, opts = _case_7b(dev, dtype, big_tokens, "silu_glu", top_k=2, **dims)
+    t0 = time.time()
+    out = _fwd_bwd(lambda **kw: moe_bypass(**kw, impl="triton"), tensors, opts)
+    ok = all(torch.isfinite(v.float()).all() for v in [out[0]] + list(out[3].values()))
+    print(f"{'ok  ' if ok else 'WRONG:'} silu_glu k=2 T={big_tokens}: forward+backward finite ({time.time() - t0:.0f} s)")
+    if not ok:
+        return 1
+    del tensors, out
+    rows = chosen_configs(dev)
+    with open(os.path.join(out_dir, "chosen_configs.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("| site | autotune key | chosen config | registers | spills | shared |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['site']} | {r['key']} | {r['config']} | {r.get('registers', '')} | {r.get('spills', '')} | "
+              f"{r.get('shared', '')} | {r.get('note', '')}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # Hook for the 8-bit LLaMA2-7B editing benchmark (added later by another engineer).
 
 
@@ -250,7 +433,8 @@ def editing_benchmark_hook(args, dev, out_dir: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-COLUMNS = ["provider", "dtype", "T", "D", "F", "E", "k", "mode", "ms", "tflops", "frac_of_dense", "note"]
+COLUMNS = ["provider", "dtype", "T", "D", "F", "E", "k", "mode", "ms", "tflops", "frac_of_dense", "roofline_ms",
+           "x_roofline", "note"]
 
 
 def write_tables(rows, out_dir, header_lines):
@@ -270,73 +454,20 @@ def write_tables(rows, out_dir, header_lines):
 
 
 def compile_check() -> int:
-    """Compiles every kernel specialisation the launchers use for sm_90 (cubin through ptxas), which
-    needs no GPU: it catches the type errors that the interpreter lets through."""
+    """The CI subset of the compile matrix (memoe_fast/ops/compile_matrix.py): every kept config of every
+    launch site compiled for sm_89 in bf16, shared memory and spills checked. Needs no GPU."""
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from memoe_fast.ops.compile_matrix import main as matrix_main
 
-    from memoe_fast.kernels.gating import _gate_bwd_kernel, _gate_fwd_kernel
-    from memoe_fast.kernels.grouped_ffn import (
-        _grouped_down_kernel, _grouped_up_bwd_kernel, _grouped_up_fwd_kernel, _grouped_wgrad_kernel,
-    )
-
-    target = GPUTarget("cuda", 90, 32)
-    fails = 0
-
-    def attempt(label, fn, ptrs, consts):
-        nonlocal fails
-        sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in fn.arg_names}
-        try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                           options=dict(num_warps=4, num_stages=3))
-            print("ok  ", label)
-        except Exception as exc:
-            fails += 1
-            print("FAIL", label, type(exc).__name__, str(exc)[:2000])
-
-    blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-    for dt, prec in (("fp32", "ieee"), ("bf16", "tf32"), ("fp16", "tf32")):
-        def p(*names, t=dt):
-            return {n: f"*{t}" for n in names}
-        for fin in (False, True):
-            ptrs = dict(p("x_ptr", "w_ptr", "noise_ptr"), **p("table_ptr", "logits_ptr", "probs_ptr", "weights_ptr", t="fp32"),
-                        seq_ptr="*i64", experts_ptr="*i64", counts_ptr="*i32")
-            attempt(f"gate_fwd {dt} finalize={fin}", _gate_fwd_kernel, ptrs,
-                    dict(HAS_TABLE=fin, HAS_NOISE=fin, FINALIZE=fin, RENORM=True, TOP_K=2, BLOCK_N=32, BLOCK_K=64, BLOCK_E=16))
-        ptrs = dict(p("w_ptr", "dx_ptr"), **p("probs_ptr", "weights_ptr", "dprobs_ptr", "dweights_ptr", "dlogits_ptr", t="fp32"),
-                    experts_ptr="*i64")
-        attempt(f"gate_bwd {dt}", _gate_bwd_kernel, ptrs, dict(HAS_DPROBS=True, HAS_DWEIGHTS=True, RENORM=True, NEED_DX=True,
-                                                               TOP_K=2, BLOCK_T=32, BLOCK_D=64, BLOCK_E=16))
-        for glu, tanh in ((True, False), (False, True), (False, False)):
-            ptrs = dict(p("x_ptr", "w1_ptr", "w3_ptr", "b1_ptr", "h_ptr", "u_ptr", "a_ptr"), tok_ptr="*i64", offs_ptr="*i64")
-            attempt(f"up_fwd {dt} glu={glu} tanh={tanh}", _grouped_up_fwd_kernel, ptrs,
-                    dict(GLU=glu, ACT_TANH=tanh, HAS_B1=not glu, SAVE=True, DOT_PRECISION=prec, **blocks))
-            ptrs = dict(p("g_ptr", "w2_ptr", "h_ptr", "u_ptr", "y_ptr", "dh_ptr", "du_ptr"), tok_ptr="*i64", offs_ptr="*i64",
-                        coef_ptr="*fp32", dcoef_ptr="*fp32")
-            attempt(f"up_bwd {dt} glu={glu} tanh={tanh}", _grouped_up_bwd_kernel, ptrs,
-                    dict(GLU=glu, ACT_TANH=tanh, NEED_DCOEF=True, DOT_PRECISION=prec, **blocks))
-        for atomic in (False, True):
-            ptrs = dict(p("a_ptr", "a2_ptr", "w_ptr", "w2nd_ptr", "bias_ptr", "y_ptr", "host_ptr"), tok_ptr="*i64",
-                        offs_ptr="*i64", coef_ptr="*fp32", out_ptr="*fp32" if atomic else f"*{dt}")
-            attempt(f"down {dt} atomic={atomic}", _grouped_down_kernel, ptrs,
-                    dict(HAS_SECOND=True, HAS_BIAS=True, HAS_COEF=True, SAVE_Y=True, HAS_HOST=not atomic, ATOMIC=atomic,
-                         DOT_PRECISION=prec, **blocks))
-        for lg, rg, ls in ((False, True, False), (True, False, True)):
-            ptrs = dict(p("l_ptr", "r_ptr", "dw_ptr", "db_ptr"), tok_ptr="*i64", offs_ptr="*i64", coef_ptr="*fp32")
-            attempt(f"wgrad {dt} l_gather={lg}", _grouped_wgrad_kernel, ptrs,
-                    dict(L_GATHER=lg, R_GATHER=rg, L_SCALE=ls, HAS_DB=True, DOT_PRECISION=prec, **blocks))
-    print(f"compile check: {fails} failure(s), triton {triton.__version__}")
-    return 1 if fails else 0
+    return matrix_main(["--subset", "ci", "--quiet"])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu_check_out"))
-    ap.add_argument("--tokens", default="512,4096,32768", help="comma-separated T values")
+    ap.add_argument("--tokens", default="110,1024,4096", help="comma-separated T values")
     ap.add_argument("--topk", default="1,2")
-    ap.add_argument("--providers", default="triton,torch,reference,grouped_mm")
+    ap.add_argument("--providers", default="triton,loop,bmm,grouped_mm,torch")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop adding rows after this many seconds")
@@ -344,6 +475,8 @@ def main(argv=None) -> int:
                     help="skip the dense reference above this T (4x the FLOPs and the memory of the routed path)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks this script, not the GPU")
     ap.add_argument("--compile-check", action="store_true", help="compile the kernels for sm_90 (no GPU needed)")
+    ap.add_argument("--check-7b", action="store_true",
+                    help="bf16 correctness at 7B shapes with real autotuning, then the chosen configs")
     ap.add_argument("--make-shim", metavar="DIR", help="write the import shim into DIR and exit")
     args = ap.parse_args(argv)
 
@@ -353,6 +486,8 @@ def main(argv=None) -> int:
     _ensure_importable()
     if args.compile_check:
         return compile_check()
+    if args.check_7b:
+        return check_7b(args.out)
 
     import torch
 
@@ -402,7 +537,8 @@ def main(argv=None) -> int:
                     elif prov == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                         rows.append(dict(base, note="skipped: no CUDA"))
                     else:
-                        rows.append(run_row(prov, dev, dtype, tokens, hidden, ffn, experts, top_k, mode, peak, args.reps))
+                        rows.append(run_row(prov, dev, dtype, tokens, hidden, ffn, experts, top_k, mode, peak, args.reps,
+                                            copy_bw))
                     r = rows[-1]
                     print(f"{r['provider']:>11s} k={top_k} T={tokens:>6d} {mode:>8s} {r.get('ms', ''):>10s} ms "
                           f"{r.get('tflops', ''):>7s} TFLOP/s {r.get('frac_of_dense', ''):>5s} {r.get('note', '')}", flush=True)

@@ -156,6 +156,11 @@ def moe_bypass(
     impl = resolve_impl(impl, x.device)
     if seq_idx.dtype != torch.int64:
         seq_idx = seq_idx.long()
+    if torch.compiler.is_compiling():
+        # Under torch.compile: the registered op of the implementation, opaque to the tracer.
+        from .custom_ops import moe_bypass_op
+
+        return moe_bypass_op(impl, x, anchor, seq_idx, **args)
     if impl == "reference":
         return moe_bypass_reference(x, anchor, seq_idx, **args)
     if impl == "torch":

@@ -33,11 +33,13 @@ ACT_CODES = {"silu_glu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 POISON = False
 
 # One launch site, hence one autotune cache, per job and operand layout. The GLU variants load two
-# weight tiles per K step (and the forward keeps two accumulators), so they prune differently.
+# weight tiles per K step (and the forward keeps two accumulators), so they prune differently; the
+# down-projection weight gradient scales its gathered rows in fp32 and sums the bias beside the
+# accumulator, which costs registers (2.5 per accumulator element, from ptxas on sm_89).
 SITES = {
-    "expert_up_fwd_glu": gemm_site("expert_up_fwd_glu", _expert_up_fwd_kernel, Footprint(n_a=1, n_b=2, n_acc=2),
+    "expert_up_fwd_glu": gemm_site("expert_up_fwd_glu", _expert_up_fwd_kernel, Footprint(n_a=1, n_b=2, n_acc=2, acc_cost=1.5),
                                    ["D", "F"], "x_ptr"),
-    "expert_up_fwd": gemm_site("expert_up_fwd", _expert_up_fwd_kernel, Footprint(), ["D", "F", "ACT"], "x_ptr"),
+    "expert_up_fwd": gemm_site("expert_up_fwd", _expert_up_fwd_kernel, Footprint(acc_cost=1.5), ["D", "F", "ACT"], "x_ptr"),
     "expert_down_fwd": gemm_site("expert_down_fwd", _expert_down_fwd_kernel, Footprint(), ["D", "F", "ATOMIC"],
                                  "a_ptr", restore=("out_ptr",)),
     "expert_up_bwd_glu": gemm_site("expert_up_bwd_glu", _expert_up_bwd_kernel, Footprint(), ["D", "F"], "w2_ptr"),
@@ -46,9 +48,10 @@ SITES = {
                                ["D", "F", "ATOMIC"], "dh_ptr", restore=("dx_ptr",)),
     "expert_dx": gemm_site("expert_dx", _expert_dx_kernel, Footprint(), ["D", "F", "ATOMIC"], "dh_ptr",
                            restore=("dx_ptr",)),
-    "expert_wgrad_first": gemm_site("expert_wgrad_first", _expert_wgrad_in_kernel, Footprint(), ["F", "D"], "x_ptr"),
-    "expert_wgrad_up": gemm_site("expert_wgrad_up", _expert_wgrad_in_kernel, Footprint(), ["F", "D"], "x_ptr"),
-    "expert_wgrad_down": gemm_site("expert_wgrad_down", _expert_wgrad_down_kernel, Footprint(), ["D", "F"], "a_ptr"),
+    "expert_wgrad_first": gemm_site("expert_wgrad_first", _expert_wgrad_in_kernel, Footprint(acc_cost=1.5), ["F", "D"], "x_ptr"),
+    "expert_wgrad_up": gemm_site("expert_wgrad_up", _expert_wgrad_in_kernel, Footprint(acc_cost=1.5), ["F", "D"], "x_ptr"),
+    "expert_wgrad_down": gemm_site("expert_wgrad_down", _expert_wgrad_down_kernel, Footprint(acc_cost=2.5),
+                                   ["D", "F"], "a_ptr"),
     "gate_anchor": LaunchSite(
         "gate_anchor", _gate_anchor_kernel, [triton.Config({"BLOCK_S": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2)],
         ["A", "E"], gate_cost("BLOCK_K"), "anchor_ptr",

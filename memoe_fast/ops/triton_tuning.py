@@ -67,11 +67,15 @@ def device_limits(device: torch.device) -> DeviceLimits | None:
 @dataclass(frozen=True)
 class Footprint:
     """Per K step, a GEMM site loads ``n_a`` tiles of (BLOCK_M, BLOCK_K) and ``n_b`` of (BLOCK_K, BLOCK_N)
-    and keeps ``n_acc`` fp32 accumulators of (BLOCK_M, BLOCK_N)."""
+    and keeps ``n_acc`` fp32 accumulators of (BLOCK_M, BLOCK_N). ``acc_cost`` is the registers per
+    accumulator element of a thread: 1.5 for an epilogue that stores rows in place, 3.5 for one that
+    scatters to token rows (64-bit offsets, masks and the coefficients live beside the accumulator);
+    fitted to ``ptxas -v`` over the compile matrix (tests/test_compile_matrix.py)."""
 
     n_a: int = 1
     n_b: int = 1
     n_acc: int = 1
+    acc_cost: float = 3.5
 
 
 def gemm_shared_bytes(cfg: triton.Config, fp: Footprint, elem_bytes: int) -> int:
@@ -79,16 +83,16 @@ def gemm_shared_bytes(cfg: triton.Config, fp: Footprint, elem_bytes: int) -> int
     epilogue's layout conversion of the accumulators, whichever is larger."""
     m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     pipeline = cfg.num_stages * (fp.n_a * m * k + fp.n_b * k * n) * elem_bytes
-    return max(pipeline, m * n * 4)
+    return max(pipeline + 8192, m * n * 4)
 
 
 def gemm_registers(cfg: triton.Config, fp: Footprint, elem_bytes: int) -> int:
-    """Registers per thread: the fp32 accumulators, the operand fragments of one K step (twice for
-    fp32 operands, which tf32x3 splits into a high and a low part), and a fixed allowance for
-    addresses, masks and loop state."""
+    """Registers per thread: the fp32 accumulators and what the epilogue keeps beside them, the operand
+    fragments of one K step (twice for fp32 operands, which tf32x3 splits into a high and a low part),
+    and a fixed allowance for addresses, masks and loop state."""
     m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     threads = 32 * cfg.num_warps
-    acc = fp.n_acc * m * n // threads
+    acc = int(fp.acc_cost * fp.n_acc * m * n / threads)
     operands = (fp.n_a * m * k + fp.n_b * k * n) * elem_bytes // 4 // threads
     if elem_bytes == 4:
         operands *= 2
@@ -103,7 +107,8 @@ def gemm_candidates() -> list[triton.Config]:
     """The search space of the grouped-GEMM sites (before pruning): small row tiles for editing-sized
     calls (tens of slots per expert), wide ones for long prefills; BLOCK_K up to 128; grouped order."""
     return [
-        _cfg(16, 64, 128, 1, 4, 3), _cfg(16, 128, 64, 1, 4, 4), _cfg(32, 64, 64, 8, 4, 4), _cfg(32, 128, 64, 8, 4, 3),
+        _cfg(16, 64, 64, 1, 4, 3), _cfg(16, 64, 128, 1, 4, 3), _cfg(16, 128, 64, 1, 4, 4), _cfg(32, 64, 64, 8, 4, 3),
+        _cfg(32, 64, 32, 8, 4, 2), _cfg(32, 64, 64, 8, 4, 4), _cfg(32, 128, 64, 8, 4, 3), _cfg(64, 64, 32, 8, 4, 4),
         _cfg(64, 64, 64, 8, 4, 3), _cfg(64, 128, 32, 8, 4, 4), _cfg(64, 128, 64, 8, 4, 3), _cfg(128, 64, 64, 8, 4, 3),
         _cfg(128, 128, 32, 8, 8, 3), _cfg(128, 128, 64, 8, 8, 3), _cfg(128, 256, 64, 8, 8, 3), _cfg(64, 256, 32, 8, 8, 4),
         _cfg(64, 64, 128, 8, 4, 3), _cfg(128, 128, 128, 8, 8, 2),
@@ -126,7 +131,7 @@ def gate_cost(inner: str):
         block_e = max(2, triton.next_power_of_2(int(nargs.get("E", 16))))
         threads = 32 * cfg.num_warps
         elems = cfg.kwargs.get("BLOCK_T", cfg.kwargs.get("BLOCK_S", 16)) * block_e * cfg.kwargs[inner]
-        return elems * 4 // max(1, cfg.num_warps) // 8, elems // threads + 64
+        return elems // 2 + 4096, elems // threads + 96
 
     return cost
 
@@ -189,6 +194,7 @@ class LaunchSite:
         self.restore = list(restore)
         self.gemm = gemm
         self._tuner = None
+        self.last_kwargs = None
 
     def fits(self, cfg: triton.Config, limits: DeviceLimits, elem_bytes: int, nargs: dict | None = None) -> bool:
         shared, regs = self.cost(cfg, elem_bytes, nargs or {})
@@ -230,7 +236,13 @@ class LaunchSite:
         """{autotune key: chosen Config} so far (empty until the site has been autotuned)."""
         return dict(self._tuner.cache) if self._tuner is not None else {}
 
+    # Set by benchmarks/gpu_check.py: each site keeps its latest launch arguments, so that the compiled
+    # kernel of a chosen config can be looked up for its on-device registers, spills and shared memory.
+    keep_last = False
+
     def launch(self, grid, **kwargs) -> None:
+        if LaunchSite.keep_last:
+            self.last_kwargs = kwargs
         if _CAPTURE is not None:
             _CAPTURE.append((self, kwargs))
             return
@@ -254,5 +266,20 @@ def gemm_site(name: str, kernel, footprint: Footprint, key: list, dtype_arg: str
 __all__ = [
     "ARCH_LIMITS", "CONFIG_ENV", "DeviceLimits", "Footprint", "LaunchSite", "capture_launches", "device_limits",
     "gate_candidates", "gate_cost", "gemm_candidates", "gemm_registers", "gemm_shared_bytes", "gemm_site", "interpreting",
-    "parse_config", "pinned", "t_bucket",
+    "config_id", "parse_config", "pinned", "selectable", "t_bucket",
 ]
+
+
+def selectable(site: LaunchSite, nargs: dict | None = None) -> list:
+    """The configs the autotuner of ``site`` can choose on some target: kept on at least one of
+    ARCH_LIMITS for 16-bit or fp32 operands (the interpreter tests run every one of them)."""
+    out = []
+    for cfg in site.candidates:
+        if any(site.fits(cfg, limits, es, nargs) for limits in ARCH_LIMITS.values() for es in (2, 4)):
+            out.append(cfg)
+    return out
+
+
+def config_id(cfg: triton.Config) -> str:
+    return "-".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in cfg.kwargs.items()) + \
+        f"-w{cfg.num_warps}-s{cfg.num_stages}"
