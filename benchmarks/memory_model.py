@@ -163,8 +163,13 @@ def measure(spec: dict) -> dict:
         for prm in model.parameters():
             if prm.dtype != torch.int8:
                 prm.data = prm.data.clone()
+    # The model covers the editor's full-row path: every in-scope token through the experts, no chat-form
+    # pairs. The defaults' key gate runs only each sequence's suffix above the edited block (less
+    # activation memory, plus cached keys/values) and doubles question-shaped edits in chat form; the
+    # model does not count those yet (benchmarks/RESULTS.md, "Memory model").
     config = MEMoEConfig(num_experts=spec["experts"], steps=spec["steps"], expert_dtype=spec.get("expert_dtype"),
-                         layer=spec.get("layer"), stop_loss=0.0, seed=0)
+                         layer=spec.get("layer"), stop_loss=0.0, seed=0, bypass_positions="all",
+                         key_threshold=None, chat_augment=False)
     pairs = [encode_pair(tok, r.prompt, r.target) for r in requests]
     prompt = sum(len(p) for p, _ in pairs) / len(pairs)
     target = sum(len(t) for _, t in pairs) / len(pairs)
