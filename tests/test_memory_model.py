@@ -205,7 +205,7 @@ def test_prediction_matches_a_measured_peak():
                 dims=dict(hidden_size=512, intermediate_size=1536, vocab_size=4000))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "memory_model.py"), "--measure",
-                           json.dumps(spec)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           json.dumps(spec)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     inputs = dict(r["inputs"])
