@@ -22,6 +22,34 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def in_ci() -> bool:
+    """Whether the tests run under CI (``CI=true``, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip the test (or the whole test module, at module level) naming ``what`` is missing; under
+    ``CI=true`` fail instead, so that a CI machine lacking a dependency or the data cannot stay green
+    by skipping."""
+    if available:
+        return
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"missing under CI=true: {what}", pytrace=False)
+    pytest.skip(f"missing: {what}", allow_module_level=True)
+
+
+def require_module(name: str, purpose: str):
+    """``import name`` for a test, through :func:`require` when the import fails."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        require(False, f"the Python package {name!r} ({purpose}): {exc}")
+
+
 def shared_data_path(name: str) -> str | None:
     """Path of a file in ``../shared/data`` beside the checkout, or None when absent."""
     path = os.path.join(os.environ.get("MEMOE_SHARED_DATA", SHARED_DATA), name)

@@ -1,19 +1,13 @@
 """Editors end to end: fast vs reference, implementations vs each other, and a real edit of the embedded model."""
-import importlib.util
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # The Triton implementation runs under the interpreter on CPU; it must be set before triton loads.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from memoe_fast import MEMoEConfig
 from memoe_fast.datasets import EditRequest, load_demo
 from memoe_fast.editing.editor import MEMoEEditor
 from memoe_fast.editing.fast_editor import FastMEMoEEditor
 from memoe_fast.integration import transformer_blocks
+from memoe_fast.testing import require_module
 
 TINY_REQUESTS = [
     EditRequest("The capital of France is", "Rome", "France", ["France's capital city is"],
@@ -126,13 +120,10 @@ def test_edited_block_split_falls_back_when_the_block_is_not_additive(tiny_model
     assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
 
 
-IMPLS = ["torch"]
-if importlib.util.find_spec("triton") is not None:
-    IMPLS.append("triton")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_implementations_give_the_same_losses(tiny_model, tokenizer, impl):
+    if impl == "triton":
+        require_module("triton", "the fused kernels")
     ref = _losses(tiny_model, tokenizer, FastMEMoEEditor, impl="reference", steps=3)
     other = _losses(tiny_model, tokenizer, FastMEMoEEditor, impl=impl, steps=3)
     assert other == pytest.approx(ref, rel=1e-3, abs=1e-4)

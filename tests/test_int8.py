@@ -12,9 +12,9 @@ from memoe_fast import MEMoEConfig, apply_memoe
 from memoe_fast.datasets import EditRequest
 from memoe_fast.editing.editor import MEMoEEditor
 from memoe_fast.editing.fast_editor import FastMEMoEEditor
-from memoe_fast.testing import TOLERANCES, assert_close
+from memoe_fast.testing import TOLERANCES, assert_close, require_module
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = require_module("bitsandbytes", "the 8-bit backbone")
 
 EDITORS = {"reference": MEMoEEditor, "fast": FastMEMoEEditor}
 # bitsandbytes warns on every CPU int8 matmul that fp32 inputs are cast to fp16.

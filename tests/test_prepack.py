@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 from memoe_fast.editing.prepack import PrepackedLinears, packable, prepack_available
+from memoe_fast.testing import require
 
-pytestmark = pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN linear ops")
+require(prepack_available(), "oneDNN linear ops in this torch build (torch.ops.mkldnn._reorder_linear_weight, _linear_pointwise)")
 
 
 def _frozen_mlp(bias: bool = True) -> nn.Sequential:
