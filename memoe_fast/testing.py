@@ -69,6 +69,22 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: 
     )
 
 
+def assert_same_training(name: str, got: list[float], want: list[float], ulps: int = 64) -> None:
+    """Two runs of training took the same steps: the losses agree at fp32 rounding, both at step 0 and in
+    what training changed (each loss minus step 0's), and training changed the loss by far more than
+    that tolerance (else the check would be vacuous). The tolerance is ``ulps`` fp32 units at the
+    largest loss: losses of ~10 that training moves by ~0.1-1 are compared to ~1e-4, not to 1e-3."""
+    assert len(got) == len(want), f"{name}: {len(got)} steps, expected {len(want)}"
+    tol = ulps * torch.finfo(torch.float32).eps * max(abs(v) for v in want)
+    moved = max(abs(v - want[0]) for v in want)
+    assert moved > 100 * tol, f"{name}: training moved the loss by only {moved:.3g} (tolerance {tol:.3g})"
+    assert abs(got[0] - want[0]) <= tol, f"{name}: step 0 loss {got[0]!r} != {want[0]!r} (tolerance {tol:.3g})"
+    for i, (g, w) in enumerate(zip(got, want)):
+        diff = (g - got[0]) - (w - want[0])
+        assert abs(diff) <= tol, (f"{name}: step {i} changed the loss by {g - got[0]!r}, expected {w - want[0]!r} "
+                                  f"(difference {diff:.3g}, tolerance {tol:.3g})")
+
+
 def make_moe_inputs(
     tokens: int, hidden: int, ffn: int, experts: int, anchor: int = 8, seqs: int = 3, *, glu: bool = True,
     dtype: torch.dtype = torch.float32, dev: torch.device | None = None, token_scale: bool = False,
