@@ -8,6 +8,7 @@ link pointing at its own ``kernels/``), and the file is restored. A mutant is *k
 fail (or run past the per-mutant time budget), *survived* when they pass.
 
     nice -n 19 python benchmarks/mutation_check.py --min-kill-rate 0.9
+    nice -n 19 python benchmarks/mutation_check.py --min-kill-rate 1 --all-tests --only lambda-ignored ...
 
 Exits 1 when the kill rate is below ``--min-kill-rate``, 2 when a mutant no longer applies (its text is
 not found exactly once: the code moved, update the mutant) or the unmutated copy fails its tests.
@@ -180,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-kill-rate", type=float, required=True, help="fail below this fraction of killed mutants")
     p.add_argument("--budget", type=float, default=600.0, help="seconds per mutant's test run (past it: killed)")
     p.add_argument("--only", nargs="*", default=None, help="run only the mutants with these names")
+    p.add_argument("--all-tests", action="store_true", help="run the whole suite (tests/) for every mutant")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -210,6 +212,9 @@ def main(argv=None) -> int:
         if not all(os.path.realpath(w).startswith(os.path.realpath(repo) + os.sep) for w in where):
             print(f"the copy does not import its own memoe_fast: {where}", file=sys.stderr)
             return 2
+        if args.all_tests:
+            for m in mutants:
+                m.tests = ["tests"]
         files = sorted({t for m in mutants for t in m.tests})
         status, secs, tail = run_tests(repo, files, args.budget * 3, env)
         print(f"unmutated copy: {status} in {secs:.0f} s ({tail})", flush=True)
