@@ -50,9 +50,14 @@ def require_module(name: str, purpose: str):
         require(False, f"the Python package {name!r} ({purpose}): {exc}")
 
 
+def shared_data_dir() -> str:
+    """The shared data folder: ``../shared/data`` beside the checkout, or ``$MEMOE_SHARED_DATA``."""
+    return os.environ.get("MEMOE_SHARED_DATA", SHARED_DATA)
+
+
 def shared_data_path(name: str) -> str | None:
     """Path of a file in ``../shared/data`` beside the checkout, or None when absent."""
-    path = os.path.join(os.environ.get("MEMOE_SHARED_DATA", SHARED_DATA), name)
+    path = os.path.join(shared_data_dir(), name)
     return path if os.path.exists(path) else None
 
 

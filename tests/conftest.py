@@ -22,7 +22,7 @@ assert "triton" not in sys.modules, "importing torch imported triton before TRIT
 
 import pytest  # noqa: E402
 
-from memoe_fast.testing import require, shared_data_path  # noqa: E402
+from memoe_fast.testing import require, shared_data_dir, shared_data_path  # noqa: E402
 
 FILE_ORDERS = ("default", "reverse", "random")
 
@@ -80,7 +80,8 @@ def shared_data():
 
     def get(name: str) -> str:
         path = shared_data_path(name)
-        require(path is not None, f"{name} in ../shared/data (the shared data sets are not shipped with the project)")
+        require(path is not None, f"{name} in the shared data folder {shared_data_dir()} (../shared/data beside "
+                                  "the checkout; the data sets are not shipped with the project)")
         return path
 
     return get

@@ -233,13 +233,12 @@ def test_sequential_replay_trains_on_earlier_edits(tiny_model, tokenizer):
     assert seen == [["France", "Barack Obama"], ["France", "Barack Obama", "Apple"]]
 
 
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)  # the one-node blocks are for LLaMA-style blocks
 def test_one_node_blocks_are_not_used_where_the_module_computes_something_else(tiny_model, tokenizer):
     """The upper blocks run as one autograd node only after their output and gradient were checked:
     where the attention computes something else (a subclass that triples its output), in the checked
     block or in another one, the blocks must run as themselves and the losses stay the reference's."""
     blocks = transformer_blocks(tiny_model)
-    if not hasattr(blocks[-1], "self_attn"):
-        pytest.skip("the one-node blocks are for LLaMA-style blocks")
     plain = type(blocks[0].self_attn)
 
     class Squashed(plain):

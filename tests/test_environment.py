@@ -1,12 +1,10 @@
 """What the suite needs from the machine. Outside CI a missing piece skips the tests that need it (with
 the reason); under ``CI=true`` each missing piece fails here by name, so CI cannot pass by skipping."""
-import os
-
-from memoe_fast.testing import SHARED_DATA, require, require_module, shared_data_path
+from memoe_fast.testing import require, require_module, shared_data_dir, shared_data_path
 
 
 def test_shared_data_folder():
-    folder = os.environ.get("MEMOE_SHARED_DATA", SHARED_DATA)
+    folder = shared_data_dir()
     for name in ("zsre_mend_train-1k.json", "counterfact-edit-1k.json", "counterfact_500.json"):
         require(shared_data_path(name) is not None, f"{name} in the shared data folder {folder} (../shared/data)")
 
