@@ -28,7 +28,8 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Test files per guarded area (run with -x: the first failure kills the mutant).
-OPS = ["tests/test_torch_path.py", "tests/test_lowprec_combine.py", "tests/test_add_to_oracle.py"]
+OPS = ["tests/test_torch_path.py", "tests/test_lowprec_combine.py", "tests/test_add_to_oracle.py",
+       "tests/test_balance_loss.py"]
 BYPASS = ["tests/test_add_to_oracle.py", "tests/test_bypass.py", "tests/test_training_options.py"]
 INTEGRATION = ["tests/test_save_load.py", "tests/test_bypass.py"]
 ANCHORS = ["tests/test_anchors.py"]
