@@ -27,14 +27,14 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Test files per guarded area (run with -x: the first failure kills the mutant).
+# Test files per guarded area, the quick ones first (run with -x: the first failure kills the mutant).
 OPS = ["tests/test_torch_path.py", "tests/test_lowprec_combine.py", "tests/test_add_to_oracle.py",
        "tests/test_balance_loss.py"]
-BYPASS = ["tests/test_add_to_oracle.py", "tests/test_bypass.py", "tests/test_training_options.py"]
+BYPASS = ["tests/test_add_to_oracle.py", "tests/test_training_options.py", "tests/test_bypass.py"]
 INTEGRATION = ["tests/test_save_load.py", "tests/test_bypass.py"]
 ANCHORS = ["tests/test_anchors.py"]
 METRICS = ["tests/test_metrics.py"]
-EDITORS = ["tests/test_editor.py", "tests/test_training_options.py"]
+EDITORS = ["tests/test_training_options.py", "tests/test_editor.py"]
 DATASETS = ["tests/test_data.py"]
 
 
