@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    # Stopped with SIGTERM: unwind, so that the running tests are killed and the copy is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mutants = [m for m in MUTANTS if args.only is None or m.name in args.only]
     if args.list:
         for m in MUTANTS:
