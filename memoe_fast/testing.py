@@ -22,9 +22,42 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def in_ci() -> bool:
+    """Whether the tests run under CI (``CI=true``, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip the test (or the whole test module, at module level) naming ``what`` is missing; under
+    ``CI=true`` fail instead, so that a CI machine lacking a dependency or the data cannot stay green
+    by skipping."""
+    if available:
+        return
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"missing under CI=true: {what}", pytrace=False)
+    pytest.skip(f"missing: {what}", allow_module_level=True)
+
+
+def require_module(name: str, purpose: str):
+    """``import name`` for a test, through :func:`require` when the import fails."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        require(False, f"the Python package {name!r} ({purpose}): {exc}")
+
+
+def shared_data_dir() -> str:
+    """The shared data folder: ``../shared/data`` beside the checkout, or ``$MEMOE_SHARED_DATA``."""
+    return os.environ.get("MEMOE_SHARED_DATA", SHARED_DATA)
+
+
 def shared_data_path(name: str) -> str | None:
     """Path of a file in ``../shared/data`` beside the checkout, or None when absent."""
-    path = os.path.join(os.environ.get("MEMOE_SHARED_DATA", SHARED_DATA), name)
+    path = os.path.join(shared_data_dir(), name)
     return path if os.path.exists(path) else None
 
 
@@ -39,6 +72,22 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: 
         actual_f, expected_f, atol=atol, rtol=rtol,
         msg=lambda m: f"{name}: max abs err {err:.3g}, rel err {rel:.3g}\n{m}",
     )
+
+
+def assert_same_training(name: str, got: list[float], want: list[float], ulps: int = 64) -> None:
+    """Two runs of training took the same steps: the losses agree at fp32 rounding, both at step 0 and in
+    what training changed (each loss minus step 0's), and training changed the loss by far more than
+    that tolerance (else the check would be vacuous). The tolerance is ``ulps`` fp32 units at the
+    largest loss: losses of ~10 that training moves by ~0.1-1 are compared to ~1e-4, not to 1e-3."""
+    assert len(got) == len(want), f"{name}: {len(got)} steps, expected {len(want)}"
+    tol = ulps * torch.finfo(torch.float32).eps * max(abs(v) for v in want)
+    moved = max(abs(v - want[0]) for v in want)
+    assert moved > 100 * tol, f"{name}: training moved the loss by only {moved:.3g} (tolerance {tol:.3g})"
+    assert abs(got[0] - want[0]) <= tol, f"{name}: step 0 loss {got[0]!r} != {want[0]!r} (tolerance {tol:.3g})"
+    for i, (g, w) in enumerate(zip(got, want)):
+        diff = (g - got[0]) - (w - want[0])
+        assert abs(diff) <= tol, (f"{name}: step {i} changed the loss by {g - got[0]!r}, expected {w - want[0]!r} "
+                                  f"(difference {diff:.3g}, tolerance {tol:.3g})")
 
 
 def make_moe_inputs(

@@ -1,12 +1,71 @@
-import os
+"""Process-wide settings for the whole suite, made here once, before any test module is imported.
 
-# See memoe_fast/cli.py: sleeping, not spinning, OpenMP threads (set before torch loads).
+Settings that a library reads when it loads must not depend on which test file pytest imports
+first (the suite runs in any file order: see ``--file-order`` below and .ci/run).
+"""
+import os
+import random
+import sys
+
+# See memoe_fast/cli.py: sleeping, not spinning, OpenMP threads (set before torch loads OpenMP).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest
-import torch
+assert "triton" not in sys.modules and "bitsandbytes" not in sys.modules, (
+    "triton or bitsandbytes was imported before tests/conftest.py set TRITON_INTERPRET"
+)
+import torch  # noqa: E402  (importing torch does not import triton; bitsandbytes does)
 
-from memoe_fast.testing import shared_data_path
+if not torch.cuda.is_available():
+    # Without CUDA the Triton kernels run under the interpreter, which triton reads when it loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+assert "triton" not in sys.modules, "importing torch imported triton before TRITON_INTERPRET was set"
+
+import pytest  # noqa: E402
+
+from memoe_fast.testing import require, shared_data_dir, shared_data_path  # noqa: E402
+
+FILE_ORDERS = ("default", "reverse", "random")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("memoe-fast")
+    group.addoption("--file-order", choices=FILE_ORDERS, default="default",
+                    help="run the test files in reverse or random order (random also shuffles the tests "
+                         "inside each file): the suite must not depend on its order")
+    group.addoption("--order-seed", type=int, default=None,
+                    help="seed of --file-order=random (default: a fresh one, printed in the header)")
+
+
+def _order_seed(config) -> int:
+    if not hasattr(config, "_memoe_order_seed"):
+        seed = config.getoption("--order-seed")
+        config._memoe_order_seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    return config._memoe_order_seed
+
+
+def pytest_report_header(config):
+    order = config.getoption("--file-order")
+    if order == "random":
+        return f"file order: random (--order-seed={_order_seed(config)} repeats it)"
+    return f"file order: {order}"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    order = config.getoption("--file-order")
+    if order == "default":
+        return
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(str(item.path), []).append(item)
+    files = list(groups)
+    if order == "reverse":
+        files.reverse()
+    else:
+        rng = random.Random(_order_seed(config))
+        rng.shuffle(files)
+        for f in files:
+            rng.shuffle(groups[f])
+    items[:] = [item for f in files for item in groups[f]]
 
 
 def pytest_configure(config):
@@ -16,12 +75,13 @@ def pytest_configure(config):
 
 @pytest.fixture
 def shared_data():
-    """Returns a function giving a path in ../shared/data, skipping the test with a reason when absent."""
+    """Returns a function giving a path in ../shared/data. When the file is absent the test skips with a
+    reason, or under ``CI=true`` fails naming the file (see :func:`memoe_fast.testing.require`)."""
 
     def get(name: str) -> str:
         path = shared_data_path(name)
-        if path is None:
-            pytest.skip(f"{name} not found in ../shared/data (the shared data sets are not shipped with the project)")
+        require(path is not None, f"{name} in the shared data folder {shared_data_dir()} (../shared/data beside "
+                                  "the checkout; the data sets are not shipped with the project)")
         return path
 
     return get

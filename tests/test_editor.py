@@ -1,19 +1,13 @@
 """Editors end to end: fast vs reference, implementations vs each other, and a real edit of the embedded model."""
-import importlib.util
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # The Triton implementation runs under the interpreter on CPU; it must be set before triton loads.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from memoe_fast import MEMoEConfig
 from memoe_fast.datasets import EditRequest, load_demo
 from memoe_fast.editing.editor import MEMoEEditor
 from memoe_fast.editing.fast_editor import FastMEMoEEditor
 from memoe_fast.integration import transformer_blocks
+from memoe_fast.testing import assert_same_training, require_module
 
 TINY_REQUESTS = [
     EditRequest("The capital of France is", "Rome", "France", ["France's capital city is"],
@@ -39,7 +33,7 @@ def test_fast_editor_matches_reference_step_by_step(tiny_model, tokenizer, layer
     ref = _losses(tiny_model, tokenizer, MEMoEEditor, layer=layer)
     fast = _losses(tiny_model, tokenizer, FastMEMoEEditor, layer=layer)
     assert ref[-1] < ref[0], "training must lower the loss"
-    assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    assert_same_training("fast", fast, ref)
 
 
 def test_fast_editor_micro_batches_accumulate_like_one_batch(tiny_model, tokenizer):
@@ -51,11 +45,11 @@ def test_fast_editor_micro_batches_accumulate_like_one_batch(tiny_model, tokeniz
     split = FastMEMoEEditor(tiny_model, tokenizer, cfg, micro_batch=1)
     b = split.train(TINY_REQUESTS)
     split.handle.remove()
-    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    assert_same_training("micro_batch=1", b, a)
     padded = FastMEMoEEditor(tiny_model, tokenizer, cfg, micro_batch=64, pack=False)
     c = padded.train(TINY_REQUESTS)
     padded.handle.remove()
-    assert c == pytest.approx(a, rel=1e-4, abs=1e-5)
+    assert_same_training("pack=False", c, a)
 
 
 def test_packing_drops_the_padding(tiny_model, tokenizer):
@@ -124,29 +118,53 @@ def test_edited_block_split_falls_back_when_the_block_is_not_additive(tiny_model
     finally:
         del block.forward
     assert prefix.mlp_in is None and prefix.base_out is None
-    assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    assert_same_training("fast, whole block", fast, ref)
 
 
-IMPLS = ["torch"]
-if importlib.util.find_spec("triton") is not None:
-    IMPLS.append("triton")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_implementations_give_the_same_losses(tiny_model, tokenizer, impl):
+    if impl == "triton":
+        require_module("triton", "the fused kernels")
     ref = _losses(tiny_model, tokenizer, FastMEMoEEditor, impl="reference", steps=3)
     other = _losses(tiny_model, tokenizer, FastMEMoEEditor, impl=impl, steps=3)
-    assert other == pytest.approx(ref, rel=1e-3, abs=1e-4)
+    assert_same_training(impl, other, ref)
 
 
 def test_sequential_editing_reports_each_batch(tiny_model, tokenizer):
-    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=2, impl="torch"))
+    """Each batch's metrics are measured right after it trains, its Locality against the unedited
+    model's tokens of that batch's own locality prompts; the final metrics against the whole set's."""
+    from memoe_fast.metrics import evaluate, locality_tokens
+
+    cfg = MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="torch")
+    editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+    unedited = [locality_tokens(tiny_model, tokenizer, [r]) for r in TINY_REQUESTS]
+    # Each request's unedited locality tokens differ from every other's: measured against another
+    # request's tokens, a batch's Locality would not come out as it should.
+    assert len({tuple(t[0].tolist()) for t in unedited}) == len(TINY_REQUESTS)
+    expected = []
+    train = editor.train
+
+    def train_then_measure(reqs, desc=""):
+        losses = train(reqs, desc)
+        chunk = reqs  # no replay: the batch itself
+        pre = [t for r in chunk for t in unedited[TINY_REQUESTS.index(r)]]
+        m = evaluate(tiny_model, tokenizer, chunk, editor.handle, pre_locality=pre)
+        expected.append({k: m[k] for k in ("reliability", "generality", "locality")})
+        return losses
+
+    editor.train = train_then_measure
     result = editor.edit(TINY_REQUESTS, mode="sequential", batch_size=2)
     assert [b["n"] for b in result["per_batch"]] == [2, 1]
-    assert len(result["losses"]) == 2
-    for key in ("reliability", "generality", "locality"):
-        assert 0.0 <= result["post"][key] <= 1.0
-    assert result["pre"]["locality"] == 1.0
+    assert [{k: b[k] for k in ("reliability", "generality", "locality")} for b in result["per_batch"]] == expected
+    assert len(result["losses"]) == 2 and all(len(losses) == 3 for losses in result["losses"])
+    # Before: the unedited model against itself; after: the edited model against the unedited tokens.
+    pre_loc = [t for u in unedited for t in u]
+    with editor.handle.disabled():
+        assert result["pre"] == evaluate(tiny_model, tokenizer, TINY_REQUESTS, editor.handle, pre_locality=pre_loc)
+    assert result["post"] == evaluate(tiny_model, tokenizer, TINY_REQUESTS, editor.handle, pre_locality=pre_loc)
+    # The locality prompts name no edited subject: out of the anchor scope, their tokens are the unedited ones.
+    assert [b["locality"] for b in result["per_batch"]] == [1.0, 1.0] and result["post"]["locality"] == 1.0
+    assert result["post"]["reliability"] > result["pre"]["reliability"]
     with pytest.raises(ValueError, match="batch_size"):
         editor.edit(TINY_REQUESTS, mode="sequential")
     with pytest.raises(ValueError, match="mode"):
@@ -163,7 +181,9 @@ def test_real_model_edits_take(embedded):
         result = editor.edit(requests)
         assert result["pre"]["reliability"] < 0.5
         assert result["post"]["reliability"] >= 0.9
-        assert result["post"]["locality"] >= 0.9
+        # The demo's locality prompts name no edited subject: with the anchor scope the experts never see
+        # them, so every locality token is the unedited model's.
+        assert result["post"]["locality"] == 1.0
         # The edited model says the new fact when asked with generate() and no subject given.
         req = requests[0]
         enc = tokenizer(req.prompt, return_tensors="pt")
@@ -214,13 +234,12 @@ def test_sequential_replay_trains_on_earlier_edits(tiny_model, tokenizer):
     assert seen == [["France", "Barack Obama"], ["France", "Barack Obama", "Apple"]]
 
 
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)  # the one-node blocks are for LLaMA-style blocks
 def test_one_node_blocks_are_not_used_where_the_module_computes_something_else(tiny_model, tokenizer):
     """The upper blocks run as one autograd node only after their output and gradient were checked:
     where the attention computes something else (a subclass that triples its output), in the checked
     block or in another one, the blocks must run as themselves and the losses stay the reference's."""
     blocks = transformer_blocks(tiny_model)
-    if not hasattr(blocks[-1], "self_attn"):
-        pytest.skip("the one-node blocks are for LLaMA-style blocks")
     plain = type(blocks[0].self_attn)
 
     class Squashed(plain):
@@ -243,4 +262,50 @@ def test_one_node_blocks_are_not_used_where_the_module_computes_something_else(t
             blocks[i].self_attn.__class__ = plain
         assert ref != pytest.approx(ref_plain), "the squashed attention must change the function"
         assert prefix.fused is None
-        assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
+        assert_same_training(f"fast, block {i} squashed", fast, ref)
+
+
+# Three edits of equal token length: no padding, so the balance loss (a statistic over the forward's
+# tokens) is over the same tokens in the reference editor's padded batch and the fast editor's packed row.
+EQUAL_LENGTH_REQUESTS = [
+    EditRequest("The capital of France is", "Rome", "France", ["France's capital city is"], "Water boils at", "100"),
+    EditRequest("The capital of Spain is", "Berlin", "Spain", ["Spain's capital city is"], "Grass is", "green"),
+    EditRequest("Apple was founded by", "Bill Gates", "Apple", ["The founder of Apple is"], "The sky is", "blue"),
+]
+
+
+def test_fast_editor_trains_the_balance_loss_like_the_reference(tiny_model, tokenizer):
+    """The paper's setting: a balance loss (``aux_loss_weight > 0``) with top-1 routing, the gate's only
+    gradient. The fast editor must add it to its loss and train the gate by it as the reference does."""
+    from memoe_fast.metrics import encode_pair
+
+    lengths = {sum(map(len, encode_pair(tokenizer, r.prompt, r.target))) for r in EQUAL_LENGTH_REQUESTS}
+    assert len(lengths) == 1, f"the requests must be of equal length, got {lengths}"
+    runs, gates = {}, {}
+    for name, cls in (("reference", MEMoEEditor), ("fast", FastMEMoEEditor)):
+        cfg = MEMoEConfig(layer=1, steps=4, lr=1e-2, impl="reference", aux_loss_weight=0.5, anchor_scope=False)
+        editor = cls(tiny_model, tokenizer, cfg)
+        before = editor.handle.bypass.w_gate.detach().clone()
+        try:
+            runs[name] = editor.train(EQUAL_LENGTH_REQUESTS)
+            gates[name] = editor.handle.bypass.w_gate.detach().clone()
+        finally:
+            editor.handle.remove()
+        assert not torch.equal(gates[name], before), f"{name}: the balance loss must train the gate"
+    assert_same_training("fast with a balance loss", runs["fast"], runs["reference"])
+    torch.testing.assert_close(gates["fast"], gates["reference"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_activation_checkpointing_computes_the_same_steps(tiny_model, tokenizer, layer):
+    """``checkpoint=True`` recomputes the upper blocks in backward; the blocks must get the same extra
+    arguments (attention mask, rotary embeddings, packing) in both passes."""
+    ref = _losses(tiny_model, tokenizer, MEMoEEditor, layer=layer)
+    cfg = MEMoEConfig(layer=layer, steps=4, lr=1e-2, impl="reference", gate_noise=0.0)
+    editor = FastMEMoEEditor(tiny_model, tokenizer, cfg, checkpoint=True)
+    try:
+        fast, prefix = _trained_prefix(editor)
+    finally:
+        editor.handle.remove()
+    assert prefix.fused is None, "checkpointing runs the blocks as modules (no one-node blocks)"
+    assert_same_training("fast, checkpoint=True", fast, ref)

@@ -38,6 +38,28 @@ def test_encode_pair_splits_after_the_prompt():
     assert encode_pair(WordTokenizer(), "5 6 7", "8 10") == ([5, 6, 7], [8, 10])
 
 
+class MergingTokenizer(WordTokenizer):
+    """Like WordTokenizer, with a BOS token (1) and a merge across words: ``7 8`` is one token, 78."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        merged = []
+        for i in ids:
+            if merged and merged[-1] == 7 and i == 8:
+                merged[-1] = 78
+            else:
+                merged.append(i)
+        return {"input_ids": ([1] if add_special_tokens else []) + merged}
+
+
+def test_encode_pair_tokenises_apart_where_the_boundary_merges():
+    tok = MergingTokenizer()
+    # "5 6 7 8 10" tokenises as [1, 5, 6, 78, 10]: its start is not the prompt's [1, 5, 6, 7].
+    assert encode_pair(tok, "5 6 7", "8 10") == ([1, 5, 6, 7], [8, 10])
+    # No merge: split after the prompt (the target gets no BOS either way).
+    assert encode_pair(tok, "5 6 9", " 8 10 ") == ([1, 5, 6, 9], [8, 10])
+
+
 def test_collate_positions_predict_the_targets():
     batch = collate([([5, 6, 7], [8, 10]), ([3], [4])], pad_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 10], [3, 4, 0, 0, 0]]

@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 from memoe_fast.editing.prepack import PrepackedLinears, packable, prepack_available
+from memoe_fast.testing import assert_same_training, require
 
-pytestmark = pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN linear ops")
+require(prepack_available(), "oneDNN linear ops in this torch build (torch.ops.mkldnn._reorder_linear_weight, _linear_pointwise)")
 
 
 def _frozen_mlp(bias: bool = True) -> nn.Sequential:
@@ -79,4 +80,4 @@ def test_fast_editor_losses_do_not_depend_on_prepacking(tiny_model, tokenizer):
         active[prepack] = all(seen)
         assert editor._prepacked is None, "the packed copies are freed after training"
     assert active == {False: False, True: True}
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert_same_training("prepacked", losses[True], losses[False])
