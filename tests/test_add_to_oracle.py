@@ -155,7 +155,7 @@ def test_lambda_scales_the_bypass_linearly():
 def test_input_must_match_the_anchors():
     bp = _bypass("llama", impl="torch")
     bp.set_anchors(torch.randn(2, A))
-    with pytest.raises(RuntimeError, match="anchors were set for 2 sequences but the input has 3"):
+    with pytest.raises(RuntimeError, match="anchors were given for 2 sequences but the input has 3"):
         bp.add_to(torch.randn(3, 4, D), torch.randn(3, 4, D))
     bp.set_anchors(torch.randn(2, A), token_seq=torch.tensor([0, 0, 1]))
     with pytest.raises(RuntimeError, match="token_seq has 3 entries but the input has 4 tokens"):

@@ -144,8 +144,8 @@ def test_sequential_editing_reports_each_batch(tiny_model, tokenizer):
     expected = []
     train = editor.train
 
-    def train_then_measure(reqs, desc=""):
-        losses = train(reqs, desc)
+    def train_then_measure(reqs, desc="", **kw):
+        losses = train(reqs, desc, **kw)
         chunk = reqs  # no replay: the batch itself
         pre = [t for r in chunk for t in unedited[TINY_REQUESTS.index(r)]]
         m = evaluate(tiny_model, tokenizer, chunk, editor.handle, pre_locality=pre)

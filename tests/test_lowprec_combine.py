@@ -37,5 +37,6 @@ def expert_sum(tensors, options, experts):
     from memoe_fast.ops.reference import expert_ffn_reference
 
     f = {k: v.detach().float() for k, v in tensors.items() if k != "host_out"}
-    return expert_ffn_reference(f["x"], torch.ones(experts.shape), experts, f["w1"], f["w2"], f.get("w3"),
-                                f.get("b1"), f.get("b2"), options["token_scale"].float(), options["activation"])
+    names = ("up_proj", "down_proj", "gate_proj", "up_bias", "gate_bias", "down_bias")
+    return expert_ffn_reference(f["x"], torch.ones(experts.shape), experts, **{k: f[k] for k in names if k in f},
+                                token_scale=options["token_scale"].float(), activation=options["activation"])

@@ -50,7 +50,7 @@ def test_load_rejects_another_format_version(tiny_model, tokenizer, tmp_path):
     path = tmp_path / "edit"
     handle.save(str(path))
     meta = json.loads((path / "memoe.json").read_text())
-    for version in (2, None, "1"):
+    for version in (3, None, "1"):
         meta["format_version"] = version
         (path / "memoe.json").write_text(json.dumps(meta))
         with pytest.raises(ValueError, match=rf"memoe.json: unsupported format_version {version!r}"):
@@ -66,7 +66,7 @@ def test_load_rejects_other_shapes_and_tensors(tiny_model, tokenizer, tmp_path):
     small.remove()
     handle = apply_memoe(tiny_model, MEMoEConfig(layer=1, num_experts=4), tokenizer)
     before = _saved(handle)
-    with pytest.raises(ValueError, match=r"two: tensor '\w+' has shape \(2, \d+(, \d+)?\), expected \(4, "):
+    with pytest.raises(ValueError, match=r"two: tensor '\w+' was saved with shape \(2, \d+(, \d+)?\), this bypass has \(4, "):
         handle.load_weights(str(tmp_path / "two"))
     handle.save(str(tmp_path / "four"))
     tensors = load_file(str(tmp_path / "four" / "bypass.safetensors"))
@@ -96,14 +96,16 @@ def test_decode_step_without_the_prompt_anchors_fails(tiny_model, tokenizer):
     with torch.no_grad():
         out = tiny_model(**enc, use_cache=True)
         step = dict(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
-        anchors = handle.bypass._anchor
-        assert anchors is not None and anchors.shape[0] == 1
+        anchors = handle.bypass.last_anchors.vectors
+        assert anchors.shape[0] == 1
         tiny_model(**step)  # a decode step keeps the prompt's anchors
-        assert handle.bypass._anchor is anchors
-        handle.bypass.set_anchors(None)
+        assert handle.bypass.last_anchors.vectors is anchors
+        handle.bypass.last_anchors = None  # no prompt forward before this step
         with pytest.raises(RuntimeError, match="decode step without the anchors of its prompt"):
             tiny_model(**step)
-        handle.bypass.set_anchors(torch.zeros(2, anchors.shape[1]))  # anchors of another batch
+        from memoe_fast.bypass import AnchorSet
+
+        handle.bypass.last_anchors = AnchorSet(torch.zeros(2, anchors.shape[1]))  # anchors of another batch
         with pytest.raises(RuntimeError, match="decode step without the anchors of its prompt"):
             tiny_model(**step)
     handle.remove()

@@ -46,7 +46,7 @@ def test_gate_noise_acts_in_training_only():
         for p in (quiet.w2, noisy.w2):
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     for b in (quiet, noisy):
-        b.set_anchors(anchors)
+        b.set_anchors(anchors, pin=True)  # several forwards below use them
     with torch.no_grad():
         quiet.eval(), noisy.eval()
         clean = quiet.add_to(x, out)
