@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -245,7 +246,7 @@ def same_subject_cases(model, tokenizer, requests, handle=None, per_edit: int = 
     for i, r in enumerate(requests):
         for p in subject_prompts(r.subject, EVAL_TEMPLATES, per_edit, offset=i):
             prompts.append(p), owner.append(i)
-    ctx = handle.disabled() if handle is not None else _nullcontext()
+    ctx = handle.disabled() if handle is not None else contextlib.nullcontext()
     with ctx:
         conts = greedy_continuations(model, tokenizer, prompts, tokens, batch_size)
     cases = []
@@ -256,14 +257,6 @@ def same_subject_cases(model, tokenizer, requests, handle=None, per_edit: int = 
             continue
         cases.append({"owner": i, "prompt": p, "subject": r.subject, "expected": c, "text": text})
     return cases
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()
@@ -342,7 +335,7 @@ def attach_expected_argmax(model, tokenizer, cases: list[dict], handle=None, bat
     reference of ``same_subject_locality``."""
     if not cases:
         return
-    ctx = handle.disabled() if handle is not None else _nullcontext()
+    ctx = handle.disabled() if handle is not None else contextlib.nullcontext()
     with ctx:
         preds = predict_targets(model, tokenizer, [c["prompt"] for c in cases], [c["text"] for c in cases],
                                 None, None, batch_size, None)

@@ -46,10 +46,6 @@ from .prepack import PrepackedLinears
 
 log = logging.getLogger("memoe_fast")
 
-SHORTCUTS = ("packed_rows", "packed_attention", "cached_edited_block", "last_block_at_rows", "one_node_blocks",
-             "suffix_only", "prepacked_weights")
-
-
 @dataclass
 class Decision:
     taken: bool
@@ -73,10 +69,6 @@ class EditPlan:
                                                         "taken" if taken else "skipped", reason)
         elif old.taken != taken:
             self.decisions[name] = Decision(False, f"mixed across micro-batches: {old.reason}; {reason}")
-
-    def taken(self, name: str) -> bool:
-        d = self.decisions.get(name)
-        return bool(d and d.taken)
 
     def to_dict(self) -> dict:
         return {k: {"taken": d.taken, "reason": d.reason} for k, d in self.decisions.items()}
