@@ -169,6 +169,7 @@ class MEMoEBypass(nn.Module):
         self.register_buffer("keys", torch.zeros(0, self.hidden_size), persistent=False)
         self.register_buffer("key_subject", torch.zeros(0, dtype=torch.long), persistent=False)
         self.last_latched: torch.Tensor | None = None
+        self._snap: tuple[torch.Tensor, torch.Tensor] | None = None  # key gate -> add_to, one forward
         self.last_aux_loss: torch.Tensor | None = None
         self.last_experts: torch.Tensor | None = None
         self.__dict__["_foreign"] = None  # set by from_modules; a plain attribute, outside the state dict
@@ -257,13 +258,18 @@ class MEMoEBypass(nn.Module):
         contiguous and in order in both layouts ((B, L) rows, packed rows), which the running count uses."""
         n_tok = tok_scope.numel()
         match = torch.zeros(n_tok, dtype=torch.bool)
+        self._snap = None
         idx = tok_scope.nonzero().squeeze(1)
         if idx.numel() and self.keys.shape[0]:
             rows = x.reshape(n_tok, -1).index_select(0, idx.to(x.device)).float()
             sims = torch.nn.functional.normalize(rows, dim=-1) @ self.keys.t().to(rows.device)
             cand = given.candidates[token_seq.index_select(0, idx)].to(sims.device)
             sims = sims.masked_fill(~cand, -2.0)
-            match[idx] = (sims.max(dim=1).values >= self.config.key_threshold).cpu()
+            best, nearest = sims.max(dim=1)
+            hit = best >= self.config.key_threshold
+            match[idx] = hit.cpu()
+            if self.config.key_snap > 0 and bool(hit.any()):
+                self._snap = (idx[hit.cpu()], nearest[hit])
         counts = match.long().cumsum(0)
         before = torch.zeros(n_seq, dtype=torch.long)
         starts = torch.ones(n_tok, dtype=torch.bool)
@@ -277,6 +283,17 @@ class MEMoEBypass(nn.Module):
         latched[token_seq[on]] = True
         self.last_latched = latched
         return tok_scope & on
+
+    def _snapped(self, flat_x: torch.Tensor, rows: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """``flat_x`` with the key-matched ``rows`` moved ``config.key_snap`` of the way (in direction, at
+        their own norm) toward their nearest subject key ``self.keys[nearest]``."""
+        rows = rows.to(flat_x.device)
+        picked = flat_x.index_select(0, rows).float()
+        norm = picked.norm(dim=-1, keepdim=True)
+        a = self.config.key_snap
+        direction = torch.nn.functional.normalize(
+            (1 - a) * picked / norm.clamp_min(1e-12) + a * self.keys.to(picked.device)[nearest], dim=-1)
+        return flat_x.index_copy(0, rows, (direction * norm).to(flat_x.dtype))
 
     def freeze_experts(self, n: int) -> None:
         """Experts ``[0, n)`` get no gradient from now on (0: every expert trains)."""
@@ -428,6 +445,7 @@ class MEMoEBypass(nn.Module):
             batch = x.shape[0] if x.dim() > 2 else 1
             token_seq = torch.arange(batch).repeat_interleave(n_tok // batch)
         tok = self._active(given, x, token_seq, n_tok)
+        self._snap = None  # a query: no forward follows that would take the snapped rows
         return torch.ones(n_tok, dtype=torch.bool) if tok is None else tok
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor, anchors: torch.Tensor | None = None,
@@ -469,6 +487,9 @@ class MEMoEBypass(nn.Module):
             if not bool(tok_scope.all()):
                 sel = tok_scope.nonzero().squeeze(1).to(x.device)  # only in-scope tokens go through the experts
         flat_x, flat_out = x.reshape(n_tok, hidden), out.reshape(n_tok, hidden)
+        snap, self._snap = self._snap, None
+        if snap is not None:
+            flat_x = self._snapped(flat_x, *snap)
         seq_idx = token_seq.to(x.device)
         if sel is not None:
             flat_x, seq_idx = flat_x.index_select(0, sel), seq_idx.index_select(0, sel)

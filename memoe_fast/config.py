@@ -63,6 +63,10 @@ class MEMoEConfig:
     # input is within this cosine similarity of one of its subject's edit-prompt keys (the state at the
     # edit prompt's last token), and stay on after it. None: off (every in-scope token).
     key_threshold: float | None = 0.85
+    # Key snap: at a token the key gate matched, the experts read the host-MLP input moved this far
+    # (0: not at all, 1: all the way) toward the nearest of its subject's keys, at the token's own norm,
+    # so that a paraphrase reaches the experts as its edit prompt did.
+    key_snap: float = 0.0
     negative_weight: float = 1.0
     negative_other_relations: bool = False  # half the negatives from the other edits' relations (see specificity)
     # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when
