@@ -132,23 +132,31 @@ def _config_from_args(args):
     from .config import MEMoEConfig
 
     over = {"seed": args.seed, "impl": args.impl}
-    for key, val in (("layer", args.layer), ("num_experts", args.experts), ("top_k", args.top_k),
-                     ("steps", args.steps), ("lr", args.lr), ("bypass_positions", args.positions),
-                     ("negatives", args.negatives), ("update_batch", args.update_batch),
-                     ("sequential_experts", args.sequential_experts)):
+    given = []  # the options set on the command line, for the error message
+    for key, flag, val in (("layer", "--layer", args.layer), ("num_experts", "--experts", args.experts),
+                           ("top_k", "--top-k", args.top_k), ("steps", "--steps", args.steps), ("lr", "--lr", args.lr),
+                           ("bypass_positions", "--positions", args.positions),
+                           ("negatives", "--negatives", args.negatives),
+                           ("update_batch", "--update-batch", args.update_batch),
+                           ("sequential_experts", "--sequential-experts", args.sequential_experts)):
         if val is not None:
             over[key] = val
+            given.append(f"{flag} {val}")
     if args.no_scope:
         over["anchor_scope"] = False
     if args.replay:
         over["replay"] = True
-    return MEMoEConfig.paper(**over) if args.preset == "paper" else MEMoEConfig(**over)
+    try:
+        return MEMoEConfig.paper(**over) if args.preset == "paper" else MEMoEConfig(**over)
+    except ValueError as exc:
+        raise ValueError(f"{' '.join(given) or f'--preset {args.preset}'}: {exc}") from None
 
 
 def cmd_edit(args) -> int:
     import torch
 
     from .datasets import load_requests
+    from .integration import resolve_layer
     from .io import atomic_write_json
     from .models import load_model, model_label
     from .ops import resolve_impl
@@ -171,6 +179,7 @@ def cmd_edit(args) -> int:
         print(f"loading {model_label(args.model)} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, load_in_8bit=args.load_in_8bit, device=args.device)
     load_s = time.perf_counter() - t0
+    resolve_layer(model, config.layer, name="--layer")  # needs the model; before anything else uses the layer
     if args.editor == "fast":
         from .editing.fast_editor import FastMEMoEEditor as Editor
     else:

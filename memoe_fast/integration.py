@@ -32,11 +32,12 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     raise TypeError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
-def resolve_layer(model: nn.Module, layer: int | None) -> int:
+def resolve_layer(model: nn.Module, layer: int | None, name: str = "layer") -> int:
+    """The block index ``layer`` (None: the middle block); ``name`` is what an error calls it (``--layer``)."""
     n = len(transformer_blocks(model))
     idx = n // 2 if layer is None else layer
     if not 0 <= idx < n:
-        raise ValueError(f"layer {layer} is out of range: the model has {n} blocks (0..{n - 1})")
+        raise ValueError(f"{name} {layer} is out of range: the model has {n} blocks (0..{n - 1})")
     return idx
 
 

@@ -8,34 +8,163 @@ import pytest
 from memoe_fast.cli import main
 
 
-def test_missing_data_file_fails_cleanly(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["edit", "--data", f"zsre:{tmp_path / 'nope.json'}", "--out", str(out)]) == 2
-    assert "nope.json" in capsys.readouterr().err
-    assert not out.exists()
+ZSRE = {"src": "q?", "alt": "a", "subject": "s", "rephrase": "r?", "loc": "l", "loc_ans": "x"}
 
 
-def test_malformed_record_names_file_record_and_field(tmp_path, capsys):
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"src": "q?", "alt": "a", "subject": "s", "rephrase": "r?", "loc": "l", "loc_ans": "x"},
-                               {"src": "q2?", "subject": "s", "rephrase": "r?", "loc": "l", "loc_ans": "x"}]))
-    out = tmp_path / "out"
-    assert main(["edit", "--data", f"zsre:{bad}", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "bad.json" in err and "record 1" in err and "'alt'" in err
-    assert not out.exists()
+def _zsre(**changes):
+    """Two ZsRE records, the second with ``changes`` (None removes a field)."""
+    second = {k: v for k, v in {**ZSRE, **changes}.items() if v is not None}
+    return json.dumps([ZSRE, second])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["edit", "--n", "0"], "--n"),
-    (["edit", "--mode", "sequential"], "--batch-size"),
-    (["edit", "--data", "squad:x.json"], "data spec"),
-    (["generate", "--edits", "/nonexistent/edits", "hi"], "not a saved MEMoE edit"),
+def _run(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse rejects a value of the wrong type itself, with status 2
+        return exc.code
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the CLI gets as far as loading a model."""
+    def forbidden(*a, **k):
+        raise AssertionError("the model was loaded: this check must come before")
+
+    monkeypatch.setattr("memoe_fast.models.load_model", forbidden)
+
+
+# argv: "{data}" stands for the data file, written from `data` (None: no file); `message`: what stderr must say.
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(argv=["--data", "zsre:{data}"], data=None, message="data.json: no such data file"),
+                 id="missing-file"),
+    pytest.param(dict(argv=["--data", "zsre:{data}"], data="[{", message="data.json: not valid JSON"), id="not-json"),
+    pytest.param(dict(argv=["--data", "zsre:{data}"], data=json.dumps(ZSRE),
+                      message="data.json: expected a JSON list of records, got a JSON object"), id="not-a-list"),
+    pytest.param(dict(argv=["--data", "zsre:{data}"], data="[]", message="data.json: the list of records is empty"),
+                 id="empty-list"),
+    pytest.param(dict(argv=["--data", "zsre:{data}"], data=_zsre(alt=None),
+                      message="data.json: record 1: field 'alt' is missing"), id="missing-field"),
+    pytest.param(dict(argv=["--data", "zsre:{data}"], data=_zsre(subject="  "),
+                      message="data.json: record 1: field 'subject' must be a non-empty string, got an empty string"),
+                 id="empty-field"),
+    pytest.param(dict(argv=["--data", "zsre:{data}"], data=_zsre(alt=7),
+                      message="data.json: record 1: field 'alt' must be a non-empty string, got int"),
+                 id="non-string-target"),
+    pytest.param(dict(argv=["--data", "squad:x.json"], data=None, message="unknown data spec"), id="unknown-data-spec"),
+    pytest.param(dict(argv=["--n", "0"], data=None, message="--n must be >= 1"), id="n-0"),
+    pytest.param(dict(argv=["--mode", "sequential"], data=None, message="--mode sequential needs --batch-size"),
+                 id="sequential-without-batch-size"),
+    pytest.param(dict(argv=["--experts", "2", "--top-k", "3"], data=None,
+                      message="--experts 2 --top-k 3: top_k must be in [1, num_experts=2], got 3"),
+                 id="top-k-above-experts"),
+    pytest.param(dict(argv=["--top-k", "5"], data=None, message="--top-k 5: top_k must be in [1, num_experts=4]"),
+                 id="top-k-above-default-experts"),
+    pytest.param(dict(argv=["--layer", "x"], data=None, message="argument --layer: invalid int value: 'x'"),
+                 id="layer-not-an-integer"),
 ])
-def test_bad_arguments_exit_nonzero(argv, message, capsys, tmp_path):
-    assert main(argv + (["--out", str(tmp_path / "o")] if argv[0] == "edit" else [])) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+def test_bad_input_fails_before_the_model_loads(case, tmp_path, capsys, no_model):
+    data = tmp_path / "data.json"
+    if case["data"] is not None:
+        data.write_text(case["data"])
+    out = tmp_path / "out"
+    argv = ["edit", *(a.replace("{data}", str(data)) for a in case["argv"]), "--out", str(out), "--no-progress"]
+    assert _run(argv) == 2
+    err = capsys.readouterr().err
+    assert case["message"] in err, err
+    assert not out.exists()
+
+
+def test_generate_without_an_edits_folder_fails_before_the_model_loads(capsys, no_model):
+    assert main(["generate", "--edits", "/nonexistent/edits", "hi"]) == 2
+    assert "not a saved MEMoE edit" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """A random 4-block LLaMA with a 128-token context and the embedded tokenizer, as a local model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def no_editing(monkeypatch):
+    """Fails the test if the editor starts evaluating or training."""
+    from memoe_fast.editing.editor import MEMoEEditor
+
+    def forbidden(*a, **k):
+        raise AssertionError("the edit started: this check must come before")
+
+    monkeypatch.setattr(MEMoEEditor, "pre_locality", forbidden)
+    monkeypatch.setattr(MEMoEEditor, "train", forbidden)
+
+
+def _counterfact(**changes):
+    """Two CounterFact records (EasyEdit format), the second with ``changes``."""
+    rec = {"prompt": "The Eiffel Tower is in", "target_new": "Rome", "subject": "Eiffel Tower",
+           "rephrase_prompt": "The Eiffel Tower stands in", "locality_prompt": "The Colosseum is in",
+           "locality_ground_truth": "Rome", "case_id": 10}
+    return json.dumps([rec, {**rec, "case_id": 11, **changes}])
+
+
+LONG = "The tower that everyone in the whole wide world knows " * 20  # over 128 tokens
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(argv=["--layer", "4"], message="--layer 4 is out of range: the model has 4 blocks (0..3)"),
+                 id="layer-past-the-last"),
+    # Negative indices are not taken from the end: -1 is as wrong as -5 (below -blocks).
+    pytest.param(dict(argv=["--layer", "-1"], message="--layer -1 is out of range: the model has 4 blocks (0..3)"),
+                 id="layer-negative"),
+    pytest.param(dict(argv=["--layer", "-5"], message="--layer -5 is out of range: the model has 4 blocks (0..3)"),
+                 id="layer-below-minus-blocks"),
+    pytest.param(dict(argv=["--data", "counterfact:{data}"], data=_counterfact(prompt=LONG, rephrase_prompt=LONG),
+                      message="request 1 (case_id 11): prompt + target is 201 tokens, longer than the model's "
+                              "context of 128 tokens (and 1 more)"), id="prompt-longer-than-context"),
+    pytest.param(dict(argv=["--data", "counterfact:{data}"], data=_counterfact(locality_prompt=LONG),
+                      message="request 1 (case_id 11): locality_prompt + locality_answer is 201 tokens, longer than "
+                              "the model's context of 128 tokens\n"), id="locality-prompt-longer-than-context"),
+])
+def test_bad_input_for_the_model_fails_before_editing(case, tiny_folder, tmp_path, capsys, no_editing):
+    data = tmp_path / "data.json"
+    if case.get("data") is not None:
+        data.write_text(case["data"])
+    out = tmp_path / "out"
+    argv = ["edit", "--model", tiny_folder, "--device", "cpu", "--n", "2", "--steps", "1",
+            *(a.replace("{data}", str(data)) for a in case["argv"]), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert case["message"] in err, err
+    assert not out.exists()
+
+
+def test_divergence_exits_2_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, capsys, monkeypatch):
+    """A loss that turns NaN in the second batch: status 2, the first batch's checkpoint stays, no results."""
+    from memoe_fast.editing.editor import MEMoEEditor
+
+    train, calls = MEMoEEditor.train, []
+
+    def nan_from_the_second_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            self.backward_step = lambda *a, **k: float("nan")
+        return train(self, *a, **k)
+
+    monkeypatch.setattr(MEMoEEditor, "train", nan_from_the_second_batch)
+    out = tmp_path / "out"
+    argv = ["edit", "--model", tiny_folder, "--device", "cpu", "--n", "2", "--steps", "2", "--mode", "sequential",
+            "--batch-size", "1", "--no-user-metrics", "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    assert "training diverged: loss nan at step 0 (batch 2/2)" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["checkpoint"]  # no results.json, no edits/
+    assert json.loads((out / "checkpoint" / "memoe.json").read_text())["batches_done"] == 1
 
 
 @pytest.mark.slow

@@ -246,21 +246,48 @@ class MEMoEEditor:
     def _chat_pairs(self, requests) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
         """``(text, subject, (prompt ids, target ids))`` of the question-shaped edits asked as a user turn
         in the chat template (``config.chat_augment``); the reply is the target."""
+        return [pair for pair in map(self._chat_pair, requests) if pair is not None]
+
+    def _chat_pair(self, r) -> tuple[str, str, tuple[list[int], list[int]]] | None:
         tok = self.tokenizer
-        if not self.config.chat_augment or not getattr(tok, "chat_template", None):
-            return []
-        out = []
-        for r in requests:
-            if not r.prompt.rstrip().endswith("?"):
-                continue
-            chat = tok.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            ids = tok(chat, add_special_tokens=False)["input_ids"]
-            # The anchors' text is what the model's own hook sees: the ids decoded without special tokens
-            # (character offsets of the subject must refer to that text).
-            text = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            out.append((text, r.subject, (ids, tok(r.target, add_special_tokens=False)["input_ids"])))
-        return out
+        if not self.config.chat_augment or not getattr(tok, "chat_template", None) or not r.prompt.rstrip().endswith("?"):
+            return None
+        chat = tok.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(chat, add_special_tokens=False)["input_ids"]
+        # The anchors' text is what the model's own hook sees: the ids decoded without special tokens
+        # (character offsets of the subject must refer to that text).
+        text = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text, r.subject, (ids, tok(r.target, add_special_tokens=False)["input_ids"])
+
+    def check_context(self, requests) -> None:
+        """Refuse requests with a text that training or evaluation would feed beyond the model's context
+        (``max_position_embeddings``; GPT-2 calls it ``n_positions``), before anything runs: past it,
+        learned positions fail with an index error and rotary ones give meaningless losses."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if not context:
+            return
+        where = [f"request {i}" + (f" (case_id {r.case_id})" if r.case_id is not None else "")
+                 for i, r in enumerate(requests)]
+        names, texts = [], []
+        for w, r in zip(where, requests):
+            pairs = [("prompt + target", r.prompt, r.target)]
+            pairs += [(f"rephrase[{j}] + target", p, r.target) for j, p in enumerate(r.rephrase)]
+            if r.locality_prompt and r.locality_answer:
+                pairs.append(("locality_prompt + locality_answer", r.locality_prompt, r.locality_answer))
+            pairs += [(f"portability[{j}] question + answer", q, a) for j, (q, a) in enumerate(r.portability)]
+            for what, prompt, target in pairs:
+                names.append(f"{w}: {what}")
+                texts.append(prompt + " " + target.strip())  # as encode_pair tokenises it
+        found = list(zip(names, map(len, self.tokenizer(texts, add_special_tokens=True)["input_ids"])))
+        for w, r in zip(where, requests):  # training also asks a question in the chat template
+            chat = self._chat_pair(r)
+            if chat is not None:
+                found.append((f"{w}: prompt in the chat template + target", len(chat[2][0]) + len(chat[2][1])))
+        over = [f"{name} is {n} tokens" for name, n in found if n > context]
+        if over:
+            more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
+            raise ValueError(f"{over[0]}, longer than the model's context of {context} tokens{more}")
 
     def train(self, requests, desc: str = "editing", owner: int = -1) -> list[float]:
         """Train the bypass on ``requests`` for ``config.steps`` steps; returns the loss of each step
@@ -332,6 +359,7 @@ class MEMoEEditor:
             requests = requests_from_dicts(list(requests))
         if mode == "sequential" and (batch_size is None or batch_size < 1):
             raise ValueError("sequential editing needs batch_size >= 1")
+        self.check_context(requests)
         torch.manual_seed(self.config.seed)
         timings: dict[str, float] = {}
         result: dict = {"n_edits": len(requests), "mode": mode, "batch_size": batch_size if mode == "sequential" else len(requests)}
