@@ -277,6 +277,10 @@ class MEMoEBypass(nn.Module):
         first = starts.nonzero().squeeze(1)
         before[token_seq[first]] = counts[first] - match[first].long()
         on = (counts - before[token_seq]) > 0
+        if self.config.key_span == "whole_input":
+            hit_seq = torch.zeros(n_seq, dtype=torch.bool)
+            hit_seq[token_seq[match]] = True
+            on = hit_seq[token_seq]
         if given.latched is not None:
             on |= given.latched[token_seq]
         latched = torch.zeros(n_seq, dtype=torch.bool)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 EXPERT_INITS = ("copy_zero_down", "random_zero_down")
 ANCHOR_POOLINGS = ("canonical", "positions")
 LR_SCHEDULES = ("cosine", "constant")
+KEY_SPANS = ("after_match", "whole_input")
 BYPASS_POSITIONS = ("all", "after_subject")
 ROUTINGS = ("anchor", "token")
 SEQUENTIAL_EXPERTS = ("shared", "per_batch")
@@ -67,6 +68,10 @@ class MEMoEConfig:
     # (0: not at all, 1: all the way) toward the nearest of its subject's keys, at the token's own norm,
     # so that a paraphrase reaches the experts as its edit prompt did.
     key_snap: float = 0.0
+    # What a key match switches on: "after_match" (from the matching token on, causal) or "whole_input":
+    # every in-scope token of a sequence with a match anywhere in the forward's tokens (a prompt is read
+    # whole before generation starts, as its anchors are; decoding steps keep the prompt's decision).
+    key_span: str = "after_match"
     negative_weight: float = 1.0
     negative_other_relations: bool = False  # half the negatives from the other edits' relations (see specificity)
     # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when
@@ -108,6 +113,10 @@ class MEMoEConfig:
         if self.negatives < 0 or self.negative_tokens < 1 or self.negative_weight < 0 or self.update_batch < 0:
             raise ValueError("negatives, update_batch and negative_weight must be >= 0 and negative_tokens >= 1, got "
                              f"{self.negatives}, {self.update_batch}, {self.negative_weight}, {self.negative_tokens}")
+        if self.key_span not in KEY_SPANS:
+            raise ValueError(f"key_span must be one of {KEY_SPANS}, got {self.key_span!r}")
+        if not 0.0 <= self.key_snap <= 1.0:
+            raise ValueError(f"key_snap must be in [0, 1], got {self.key_snap}")
         if not -1.0 <= self.scope_threshold <= 1.0:
             raise ValueError(f"scope_threshold is a cosine similarity in [-1, 1], got {self.scope_threshold}")
 
@@ -116,7 +125,7 @@ class MEMoEConfig:
         """The MEMoE paper's setting: 4 experts, top-1, the middle block, lr 2e-4, every input routed."""
         base = dict(num_experts=4, top_k=1, layer=None, lr=2e-4, steps=40, lr_schedule="constant",
                     anchor_scope=False, aux_loss_weight=0.01, stop_loss=0.0, bypass_positions="all",
-                    key_threshold=None, chat_augment=False, negatives=0, update_batch=0,
+                    key_threshold=None, key_snap=0.0, key_span="after_match", chat_augment=False, negatives=0, update_batch=0,
                     sequential_experts="shared")
         base.update(overrides)
         return cls(**base)

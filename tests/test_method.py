@@ -320,6 +320,57 @@ def test_key_gate_switches_on_at_the_matching_token_and_stays_on(tiny_model, tok
         handle.remove()
 
 
+def test_key_span_whole_input_switches_on_every_token_of_a_matching_sequence(tiny_model, tokenizer):
+    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99, key_span="whole_input")
+    bypass = handle.bypass
+    try:
+        x = torch.randn(2, 6, bypass.hidden_size)
+        bypass.add_keys(x[0, 4:5].clone(), torch.tensor([0]))  # sequence 0 matches at token 4 only
+        base = bypass.base_layer(x)
+        with torch.no_grad():
+            bypass.set_anchors(torch.randn(2, bypass.anchor_dim), torch.tensor([True, True]),
+                               candidates=torch.tensor([[True], [True]]))
+            y = bypass(x)
+        assert (y[0] - base[0]).abs().amax(-1).min() > 1e-4  # before the match too
+        torch.testing.assert_close(y[1], base[1], rtol=0, atol=0)
+        assert bypass.last_latched.tolist() == [True, False]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("snap", [1.0, 0.5])
+def test_key_snap_moves_a_matched_token_toward_its_nearest_key(tiny_model, tokenizer, snap):
+    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.5, key_snap=snap)
+    bypass = handle.bypass
+    try:
+        torch.manual_seed(0)
+        keys = torch.randn(2, bypass.hidden_size)
+        bypass.add_keys(keys, torch.tensor([0, 0]))
+        unit = torch.nn.functional.normalize(keys, dim=-1)
+        # Token 0 lies near key 1 (at 3x its norm), token 1 matches no key.
+        near = 3 * keys[1].norm() * torch.nn.functional.normalize(unit[1] + 0.3 * torch.randn(bypass.hidden_size)
+                                                                   / bypass.hidden_size ** 0.5, dim=-1)
+        x = torch.stack([near, -keys[0] - keys[1]]).unsqueeze(0)
+        anchor = torch.randn(1, bypass.anchor_dim)
+        cand = torch.tensor([[True, True]])
+        direction = torch.nn.functional.normalize((1 - snap) * torch.nn.functional.normalize(near, dim=-1)
+                                                  + snap * unit[1], dim=-1)
+        snapped = (direction * near.norm()).view(1, 1, -1)
+        with torch.no_grad():
+            bypass.set_anchors(anchor, torch.tensor([True]), candidates=cand)
+            y = bypass.moe_output(x)
+            # The expert term of a state as it is: a latched step whose subject has no keys (nothing snaps).
+            bypass.set_anchors(anchor, torch.tensor([True]), candidates=torch.tensor([[False, False]]),
+                               latched=torch.tensor([True]), pin=True)
+            want = bypass.moe_output(snapped)
+            assert (bypass.moe_output(near.view(1, 1, -1)) - want).abs().max() > 1e-3  # snapping matters
+            bypass.clear_anchors()
+        torch.testing.assert_close(y[0, 0], want[0, 0], rtol=1e-5, atol=1e-5)
+        assert y[0, 1].abs().max() > 1e-4  # latched after the match: on, but read unsnapped
+    finally:
+        handle.remove()
+
+
 def test_key_gate_packed_rows_match_padded_rows(tiny_model, tokenizer):
     handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99)
     bypass = handle.bypass
