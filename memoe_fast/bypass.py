@@ -36,6 +36,7 @@ class AnchorSet:
     route: torch.Tensor | None = None  # (S,) int64: forced expert per sequence, -1: the gate's choice
     candidates: torch.Tensor | None = None  # (S, K) bool: the prompt keys a sequence may match (key gate)
     latched: torch.Tensor | None = None  # (S,) bool: sequences already past a matching token (decode steps)
+    key_tokens: torch.Tensor | None = None  # (N,) bool: the tokens that may match a key (None: all)
 
 
 def _float_weight(linear: nn.Module) -> torch.Tensor:
@@ -267,6 +268,10 @@ class MEMoEBypass(nn.Module):
             sims = sims.masked_fill(~cand, -2.0)
             best, nearest = sims.max(dim=1)
             hit = best >= self.config.key_threshold
+            if given.key_tokens is not None:
+                if given.key_tokens.numel() != n_tok:
+                    raise RuntimeError(f"key_tokens has {given.key_tokens.numel()} entries but the input has {n_tok} tokens")
+                hit &= given.key_tokens.index_select(0, idx).to(hit.device)
             match[idx] = hit.cpu()
             if self.config.key_snap > 0 and bool(hit.any()):
                 self._snap = (idx[hit.cpu()], nearest[hit])
@@ -323,7 +328,8 @@ class MEMoEBypass(nn.Module):
     def set_anchors(self, anchors: torch.Tensor | None, scope: torch.Tensor | None = None,
                     token_seq: torch.Tensor | None = None, *, pin: bool = False,
                     token_mask: torch.Tensor | None = None, route: torch.Tensor | None = None,
-                    candidates: torch.Tensor | None = None, latched: torch.Tensor | None = None) -> None:
+                    candidates: torch.Tensor | None = None, latched: torch.Tensor | None = None,
+                    key_tokens: torch.Tensor | None = None) -> None:
         """Anchors ``(S, A)`` for the next forward, an optional bool scope ``(S,)``, and for packed inputs
         (several sequences in one row, no padding) the sequence of every token ``(N,)`` (CPU int64).
         Without ``token_seq`` the input is ``(S, L, D)``: sequence ``s`` is row ``s``.
@@ -339,7 +345,9 @@ class MEMoEBypass(nn.Module):
         the gate's (lifelong editing routes each batch's subjects to that batch's expert).
         ``candidates`` ``(S, K)`` bool: with ``config.key_threshold``, the prompt keys (:meth:`add_keys`)
         each sequence may match; ``latched`` ``(S,)``: sequences that matched in an earlier forward
-        (the prompt of a decode step).
+        (the prompt of a decode step); ``key_tokens`` ``(N,)`` bool: the tokens that may match a key
+        (None: all; teacher-forced evaluation passes the prompt's, so that a target never switches its
+        own prompt on with ``key_span="whole_input"``).
         """
         if anchors is None:
             self._pending = None
@@ -356,7 +364,8 @@ class MEMoEBypass(nn.Module):
             None if token_mask is None else token_mask.to("cpu", torch.bool).reshape(-1),
             None if route is None else route.to("cpu", torch.long),
             None if candidates is None else candidates.to("cpu", torch.bool),
-            None if latched is None else latched.to("cpu", torch.bool))
+            None if latched is None else latched.to("cpu", torch.bool),
+            None if key_tokens is None else key_tokens.to("cpu", torch.bool).reshape(-1))
 
     def clear_anchors(self) -> None:
         """Forget the anchors set for the next forward(s)."""

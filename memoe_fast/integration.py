@@ -141,12 +141,13 @@ class MEMoEHandle:
     @contextlib.contextmanager
     def anchored(self, texts: list[str] | None = None, subjects=None, anchors: Anchors | torch.Tensor | None = None,
                  token_seq=None, scope: torch.Tensor | None = None, input_ids=None, attention_mask=None,
-                 token_mask=None):
+                 token_mask=None, key_tokens=None):
         """Pin the anchors for every forward inside the block (from texts, precomputed ``anchors``, or a
         ``(S, A)`` tensor with an optional ``scope``); ``token_seq`` for packed inputs (see
         :meth:`MEMoEBypass.set_anchors`). The anchors set before the block come back after it. With
         ``bypass_positions="after_subject"`` give the padded ``input_ids`` (and ``attention_mask``) the
-        forwards will see, or a ready ``token_mask``, so the experts act after the subject only."""
+        forwards will see, or a ready ``token_mask``, so the experts act after the subject only;
+        ``key_tokens`` as in :meth:`MEMoEBypass.set_anchors`."""
         if anchors is None:
             anchors = self.compute_anchors(texts, subjects)
         elif isinstance(anchors, torch.Tensor):
@@ -155,7 +156,8 @@ class MEMoEHandle:
             token_mask = self.token_mask(anchors, input_ids, attention_mask)
         before = self.bypass.pending_anchors
         self.bypass.set_anchors(anchors.vectors, anchors.scope, token_seq, pin=True, token_mask=token_mask,
-                                route=self._route(anchors), candidates=self._candidates(anchors))
+                                route=self._route(anchors), candidates=self._candidates(anchors),
+                                key_tokens=key_tokens)
         try:
             yield anchors
         finally:

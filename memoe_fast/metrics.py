@@ -107,8 +107,12 @@ def predict_targets(model, tokenizer, prompts: list[str], targets: list[str], ha
         pairs = [all_pairs[i] for i in idx]
         batch = collate(pairs, tokenizer.pad_token_id, device)
         if handle is not None and handle.bypass.enabled:
+            # Only prompt tokens may match a key: the target never decides whether its own prompt is edited.
+            prompt_len = torch.tensor([len(p) for p, _ in pairs])
+            key_tokens = torch.arange(batch.input_ids.shape[1]) < prompt_len.unsqueeze(1)
             with handle.anchored([prompts[i] for i in idx], [subjects[i] for i in idx],
-                                 input_ids=batch.input_ids, attention_mask=batch.attention_mask):
+                                 input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 key_tokens=key_tokens):
                 logits = logits_fn(batch)
         else:
             logits = logits_fn(batch)

@@ -334,6 +334,13 @@ def test_key_span_whole_input_switches_on_every_token_of_a_matching_sequence(tin
         assert (y[0] - base[0]).abs().amax(-1).min() > 1e-4  # before the match too
         torch.testing.assert_close(y[1], base[1], rtol=0, atol=0)
         assert bypass.last_latched.tolist() == [True, False]
+        # Tokens that may not match (a teacher-forced target) never switch their sequence on.
+        key_tokens = torch.ones(2, 6, dtype=torch.bool)
+        key_tokens[0, 4:] = False
+        with torch.no_grad():
+            bypass.set_anchors(torch.randn(2, bypass.anchor_dim), torch.tensor([True, True]),
+                               candidates=torch.tensor([[True], [True]]), key_tokens=key_tokens)
+            torch.testing.assert_close(bypass(x), base, rtol=0, atol=0)
     finally:
         handle.remove()
 
