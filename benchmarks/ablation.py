@@ -1,7 +1,7 @@
 """Ablations and option sweeps on a development split: one row per configuration, every metric.
 
     python benchmarks/ablation.py --data zsre:../shared/data/zsre_mend_train-1k.json --n 30 \
-        --rows default paper no-scope token-routing top2 experts-1 experts-8 no-key-gate negatives-2 ft-l \
+        --rows default paper no-scope token-routing top2 experts-1 experts-8 no-key-gate no-snap after-match negatives-2 ft-l \
         --out ablation.jsonl --markdown
 
 The unedited model's measurements (locality tokens, same-subject cases) are taken once; each row then
@@ -30,11 +30,15 @@ ROWS = {
     "experts-1": {"num_experts": 1},
     "experts-8": {"num_experts": 8},
     "no-key-gate": {"key_threshold": None},
-    "all-positions": {"bypass_positions": "all"},
+    "no-snap": {"key_snap": 0.0},
+    "after-match": {"key_span": "after_match"},
+    "v0.2-gate": {"key_span": "after_match", "key_snap": 0.0, "bypass_positions": "after_subject",
+                  "key_threshold": 0.85},
+    "after-subject": {"bypass_positions": "after_subject"},
     "no-chat": {"chat_augment": False},
     "negatives-2": {"negatives": 2},
     "negatives-4-relations": {"negatives": 4, "negative_other_relations": True},
-    "key-0.75": {"key_threshold": 0.75},
+    "key-0.80": {"key_threshold": 0.80},
     "key-0.85": {"key_threshold": 0.85},
     "ft-l": {"_ftl": True},
 }

@@ -54,24 +54,25 @@ class MEMoEConfig:
     # Where the experts act inside an in-scope sequence: every token ("all", the paper), or only the
     # tokens after the edited subject's mention ("after_subject"): the subject's own representation,
     # which every other question about it reads, stays the unedited one.
-    bypass_positions: str = "after_subject"
+    bypass_positions: str = "all"
     # Same-subject negatives: per edit, this many prompts about the edited subject's *other* relations
     # (memoe_fast.specificity templates), trained to keep the unedited model's next-token distribution
     # over its own greedy continuation of `negative_tokens` tokens (KL over its top tokens).
     negatives: int = 0
     negative_tokens: int = 4
-    # Key gate: within an in-scope input, the experts switch on only from the first token whose host-MLP
-    # input is within this cosine similarity of one of its subject's edit-prompt keys (the state at the
-    # edit prompt's last token), and stay on after it. None: off (every in-scope token).
-    key_threshold: float | None = 0.85
+    # Key gate: within an in-scope input, the experts switch on only where a token's host-MLP input is
+    # within this cosine similarity of one of its subject's edit-prompt keys (the state at the edit
+    # prompt's last token); `key_span` says which tokens that switches on. None: off (every in-scope
+    # token). 0.825 balances paraphrase reach against same-subject questions (RESULTS.md, "Edits that hold").
+    key_threshold: float | None = 0.825
     # Key snap: at a token the key gate matched, the experts read the host-MLP input moved this far
     # (0: not at all, 1: all the way) toward the nearest of its subject's keys, at the token's own norm,
     # so that a paraphrase reaches the experts as its edit prompt did.
-    key_snap: float = 0.0
+    key_snap: float = 1.0
     # What a key match switches on: "after_match" (from the matching token on, causal) or "whole_input":
     # every in-scope token of a sequence with a match anywhere in the forward's tokens (a prompt is read
     # whole before generation starts, as its anchors are; decoding steps keep the prompt's decision).
-    key_span: str = "after_match"
+    key_span: str = "whole_input"
     negative_weight: float = 1.0
     negative_other_relations: bool = False  # half the negatives from the other edits' relations (see specificity)
     # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when

@@ -290,7 +290,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_model, tokeniz
 
 
 def test_key_gate_switches_on_at_the_matching_token_and_stays_on(tiny_model, tokenizer):
-    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99)
+    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99, key_span="after_match", key_snap=0.0)
     bypass = handle.bypass
     try:
         x = torch.randn(2, 6, bypass.hidden_size)
@@ -379,7 +379,7 @@ def test_key_snap_moves_a_matched_token_toward_its_nearest_key(tiny_model, token
 
 
 def test_key_gate_packed_rows_match_padded_rows(tiny_model, tokenizer):
-    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99)
+    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99, key_span="after_match", key_snap=0.0)
     bypass = handle.bypass
     try:
         x = torch.randn(3, 5, bypass.hidden_size)
