@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-scope", action="store_true", help="route every input through the experts (no anchor scope)")
     e.add_argument("--positions", choices=("all", "after_subject"), default=None,
                    help=f"tokens the experts act on in an in-scope input (default {d.bypass_positions})")
+    e.add_argument("--key-threshold", type=float, default=None,
+                   help=f"key gate: cosine an input's token needs to an edit prompt's key (default {d.key_threshold})")
+    e.add_argument("--key-span", choices=("whole_input", "after_match"), default=None,
+                   help=f"what a key match switches on (default {d.key_span})")
     e.add_argument("--negatives", type=int, default=None,
                    help=f"same-subject negative prompts per edit, trained to keep the unedited outputs (default {d.negatives})")
     e.add_argument("--update-batch", type=int, default=None,
@@ -138,7 +142,9 @@ def _config_from_args(args):
                            ("bypass_positions", "--positions", args.positions),
                            ("negatives", "--negatives", args.negatives),
                            ("update_batch", "--update-batch", args.update_batch),
-                           ("sequential_experts", "--sequential-experts", args.sequential_experts)):
+                           ("sequential_experts", "--sequential-experts", args.sequential_experts),
+                           ("key_threshold", "--key-threshold", args.key_threshold),
+                           ("key_span", "--key-span", args.key_span)):
         if val is not None:
             over[key] = val
             given.append(f"{flag} {val}")

@@ -116,6 +116,8 @@ class MEMoEConfig:
                              f"{self.negatives}, {self.update_batch}, {self.negative_weight}, {self.negative_tokens}")
         if self.key_span not in KEY_SPANS:
             raise ValueError(f"key_span must be one of {KEY_SPANS}, got {self.key_span!r}")
+        if self.key_threshold is not None and not -1.0 <= self.key_threshold <= 1.0:
+            raise ValueError(f"key_threshold is a cosine similarity in [-1, 1] (or None: no key gate), got {self.key_threshold}")
         if not 0.0 <= self.key_snap <= 1.0:
             raise ValueError(f"key_snap must be in [0, 1], got {self.key_snap}")
         if not -1.0 <= self.scope_threshold <= 1.0:

@@ -59,6 +59,9 @@ def no_model(monkeypatch):
                  id="top-k-above-experts"),
     pytest.param(dict(argv=["--top-k", "5"], data=None, message="--top-k 5: top_k must be in [1, num_experts=4]"),
                  id="top-k-above-default-experts"),
+    pytest.param(dict(argv=["--key-threshold", "1.5"], data=None,
+                      message="--key-threshold 1.5: key_threshold is a cosine similarity in [-1, 1]"),
+                 id="key-threshold-not-a-cosine"),
     pytest.param(dict(argv=["--layer", "x"], data=None, message="argument --layer: invalid int value: 'x'"),
                  id="layer-not-an-integer"),
 ])
