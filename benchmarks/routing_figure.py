@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     left.set_ylabel("fraction reaching the experts")
     left.set_ylim(0, 1.05)
     left.legend(fontsize=7)
+    n_exp = max(len(rt["expert_load"]) for _, rt in runs)
+    right.set_xticks([i + 0.4 - width / 2 for i in range(n_exp)], [str(i) for i in range(n_exp)])
     right.set_xlabel("expert")
     right.set_ylabel("edit prompts routed there")
     right.legend(fontsize=7)
