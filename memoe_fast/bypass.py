@@ -169,8 +169,15 @@ class MEMoEBypass(nn.Module):
         # and the subject (index into the anchor bank's subjects) each belongs to.
         self.register_buffer("keys", torch.zeros(0, self.hidden_size), persistent=False)
         self.register_buffer("key_subject", torch.zeros(0, dtype=torch.long), persistent=False)
+        # Subject subspaces (config.key_subject_rank): per edited subject, an orthonormal (r, D) basis of
+        # the directions its other prompts share (:meth:`add_subject_basis`). A key of a subject with a
+        # basis is compared with inputs after both lose those directions: what is left is the question
+        # asked, not who it is about. ``key_basis_idx`` (K,): each key's basis row, -1 for none.
+        self.register_buffer("key_basis", torch.zeros(0, 0, self.hidden_size), persistent=False)
+        self.register_buffer("basis_subject", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("key_basis_idx", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("key_proj", torch.zeros(0, self.hidden_size), persistent=False)
         self.last_latched: torch.Tensor | None = None
-        self._snap: tuple[torch.Tensor, torch.Tensor] | None = None  # key gate -> add_to, one forward
         self.last_aux_loss: torch.Tensor | None = None
         self.last_experts: torch.Tensor | None = None
         self.__dict__["_foreign"] = None  # set by from_modules; a plain attribute, outside the state dict
@@ -241,31 +248,103 @@ class MEMoEBypass(nn.Module):
         self._install_freeze_hooks()
         return range(start, start + n)
 
+    def add_subject_basis(self, subjects: torch.Tensor, basis: torch.Tensor) -> None:
+        """Remember subject subspaces: ``basis`` ``(B, r, D)`` orthonormal rows per subject, ``subjects``
+        ``(B,)`` their indices in the anchor bank. Subjects that already have one keep it; keys added
+        later for these subjects are compared in the subspace's orthogonal complement."""
+        if basis.dim() != 3 or basis.shape[2] != self.hidden_size or subjects.shape != (basis.shape[0],):
+            raise ValueError(f"add_subject_basis: basis must be (B, r, {self.hidden_size}) with (B,) subjects, got "
+                             f"{tuple(basis.shape)} and {tuple(subjects.shape)}")
+        if self.key_basis.shape[0] and basis.shape[1] != self.key_basis.shape[1]:
+            raise ValueError(f"add_subject_basis: rank {basis.shape[1]} differs from the stored bases' "
+                             f"{self.key_basis.shape[1]}")
+        subjects = subjects.to(self.basis_subject.device, torch.long)
+        new = ~torch.isin(subjects, self.basis_subject)
+        if not bool(new.any()):
+            return
+        self.key_basis = torch.cat([self.key_basis.reshape(-1, basis.shape[1], self.hidden_size),
+                                    basis[new.to(basis.device)].detach().float().to(self.keys.device)])
+        self.basis_subject = torch.cat([self.basis_subject, subjects[new]])
+
     def add_keys(self, states: torch.Tensor, subjects: torch.Tensor) -> None:
         """Remember prompt keys: ``states`` ``(K, D)`` host-MLP inputs at edit prompts' last tokens and
-        ``subjects`` ``(K,)`` the index of each one's subject in the anchor bank."""
+        ``subjects`` ``(K,)`` the index of each one's subject in the anchor bank (with its subject's
+        basis, when :meth:`add_subject_basis` gave one, the key is also kept projected off it)."""
         if states.dim() != 2 or states.shape[1] != self.hidden_size or subjects.shape != (states.shape[0],):
             raise ValueError(f"add_keys: states must be (K, {self.hidden_size}) with (K,) subjects, got "
                              f"{tuple(states.shape)} and {tuple(subjects.shape)}")
         unit = torch.nn.functional.normalize(states.detach().float(), dim=-1).to(self.keys.device)
+        subjects = subjects.to(self.key_subject.device, torch.long)
+        idx = torch.full_like(subjects, -1)
+        hit = subjects[:, None] == self.basis_subject[None, :]
+        has = hit.any(1)
+        if bool(has.any()):
+            idx[has] = hit[has].float().argmax(1)
+        proj = unit.clone()
+        if bool(has.any()):
+            proj[has] = torch.nn.functional.normalize(self._off_basis(unit[has], idx[has]), dim=-1)
         self.keys = torch.cat([self.keys, unit])
-        self.key_subject = torch.cat([self.key_subject, subjects.to(self.key_subject.device, torch.long)])
+        self.key_subject = torch.cat([self.key_subject, subjects])
+        self.key_basis_idx = torch.cat([self.key_basis_idx, idx])
+        self.key_proj = torch.cat([self.key_proj, proj])
+
+    def _off_basis(self, rows: torch.Tensor, basis_idx: torch.Tensor) -> torch.Tensor:
+        """``rows`` ``(n, D)`` minus their part in the subspace ``key_basis[basis_idx]`` (one per row)."""
+        out = rows.clone()
+        basis = self.key_basis.to(rows.device)
+        for start in range(0, rows.shape[0], 256):  # (chunk, r, D) at a time
+            P = basis[basis_idx[start:start + 256].to(rows.device)]
+            x = rows[start:start + 256]
+            out[start:start + 256] = x - torch.einsum("nr,nrd->nd", torch.einsum("nd,nrd->nr", x, P), P)
+        return out
+
+    def clear_keys(self) -> None:
+        """Forget every prompt key and subject basis (the key gate then lets nothing through)."""
+        self.keys, self.key_subject = self.keys[:0], self.key_subject[:0]
+        self.key_basis_idx, self.key_proj = self.key_basis_idx[:0], self.key_proj[:0]
+        self.key_basis, self.basis_subject = self.key_basis[:0], self.basis_subject[:0]
+
+    def _key_similarity(self, rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """``(n, K)`` cosine of each row with each candidate key (others -2): raw for keys without a
+        subject basis, else between both with the key's subject subspace removed. Rows are grouped by the
+        bases their candidates use, so the cost is the rows times the subjects they may be about."""
+        keys = self.keys.to(rows.device)
+        unit = torch.nn.functional.normalize(rows, dim=-1)
+        sims = unit @ keys.t()
+        bidx = self.key_basis_idx.to(rows.device)
+        with_basis = bidx >= 0
+        if bool(with_basis.any()):
+            proj = self.key_proj.to(rows.device)
+            # <x - PPᵀx, k'> = <x, k'> for k' in the complement; only the norm of the rest needs P.
+            num = rows @ proj.t()
+            sq = rows.square().sum(-1)
+            used = (cand & with_basis).any(0)
+            basis = self.key_basis.to(rows.device)
+            for b in torch.unique(bidx[used]).tolist():
+                cols = (bidx == b).nonzero().squeeze(1)
+                r_idx = cand[:, cols].any(1).nonzero().squeeze(1)
+                x = rows.index_select(0, r_idx)
+                rest = (sq.index_select(0, r_idx) - (x @ basis[b].t()).square().sum(-1)).clamp_min(1e-12).sqrt()
+                sims[r_idx[:, None], cols[None, :]] = num[r_idx[:, None], cols[None, :]] / rest[:, None]
+        return sims.masked_fill(~cand, -2.0)
 
     def _key_gate(self, given: "AnchorSet", x: torch.Tensor, tok_scope: torch.Tensor, token_seq: torch.Tensor,
-                  n_seq: int) -> torch.Tensor:
-        """``tok_scope`` narrowed by the key gate: a sequence's experts switch on at its first in-scope
-        token whose state is within ``key_threshold`` (cosine) of one of its subject's prompt keys, and
-        stay on for every later token (the answer and what follows it). Tokens of a sequence are
-        contiguous and in order in both layouts ((B, L) rows, packed rows), which the running count uses."""
+                  n_seq: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``tok_scope`` narrowed by the key gate, and the snap of the matched tokens (see :meth:`_active`).
+
+        A token matches when its state is within ``key_threshold`` (:meth:`_key_similarity`) of one of its
+        subject's prompt keys. ``key_span="whole_input"``: a match anywhere switches on every in-scope
+        token of its sequence; ``"after_match"``: from the first match on (the answer and what follows).
+        Tokens of a sequence are contiguous and in order in both layouts ((B, L) rows, packed rows),
+        which the running count uses."""
         n_tok = tok_scope.numel()
         match = torch.zeros(n_tok, dtype=torch.bool)
-        self._snap = None
+        snap = None
         idx = tok_scope.nonzero().squeeze(1)
         if idx.numel() and self.keys.shape[0]:
             rows = x.reshape(n_tok, -1).index_select(0, idx.to(x.device)).float()
-            sims = torch.nn.functional.normalize(rows, dim=-1) @ self.keys.t().to(rows.device)
-            cand = given.candidates[token_seq.index_select(0, idx)].to(sims.device)
-            sims = sims.masked_fill(~cand, -2.0)
+            cand = given.candidates[token_seq.index_select(0, idx)].to(rows.device)
+            sims = self._key_similarity(rows, cand)
             best, nearest = sims.max(dim=1)
             hit = best >= self.config.key_threshold
             if given.key_tokens is not None:
@@ -274,24 +353,25 @@ class MEMoEBypass(nn.Module):
                 hit &= given.key_tokens.index_select(0, idx).to(hit.device)
             match[idx] = hit.cpu()
             if self.config.key_snap > 0 and bool(hit.any()):
-                self._snap = (idx[hit.cpu()], nearest[hit])
-        counts = match.long().cumsum(0)
-        before = torch.zeros(n_seq, dtype=torch.long)
-        starts = torch.ones(n_tok, dtype=torch.bool)
-        starts[1:] = token_seq[1:] != token_seq[:-1]
-        first = starts.nonzero().squeeze(1)
-        before[token_seq[first]] = counts[first] - match[first].long()
-        on = (counts - before[token_seq]) > 0
+                snap = (idx[hit.cpu()], nearest[hit])
         if self.config.key_span == "whole_input":
             hit_seq = torch.zeros(n_seq, dtype=torch.bool)
             hit_seq[token_seq[match]] = True
             on = hit_seq[token_seq]
+        else:  # "after_match": a running count of matches within each sequence
+            counts = match.long().cumsum(0)
+            before = torch.zeros(n_seq, dtype=torch.long)
+            starts = torch.ones(n_tok, dtype=torch.bool)
+            starts[1:] = token_seq[1:] != token_seq[:-1]
+            first = starts.nonzero().squeeze(1)
+            before[token_seq[first]] = counts[first] - match[first].long()
+            on = (counts - before[token_seq]) > 0
         if given.latched is not None:
             on |= given.latched[token_seq]
         latched = torch.zeros(n_seq, dtype=torch.bool)
         latched[token_seq[on]] = True
         self.last_latched = latched
-        return tok_scope & on
+        return tok_scope & on, snap
 
     def _snapped(self, flat_x: torch.Tensor, rows: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """``flat_x`` with the key-matched ``rows`` moved ``config.key_snap`` of the way (in direction, at
@@ -429,7 +509,8 @@ class MEMoEBypass(nn.Module):
         return self.add_to(x, torch.zeros_like(x), anchors=anchors, scope=scope, token_seq=token_seq)
 
     def _active(self, given: "AnchorSet", x: torch.Tensor, token_seq: torch.Tensor, n_tok: int):
-        """``(N,)`` bool: the tokens the experts act on (scope, token mask, key gate), or None for all."""
+        """``(N,)`` bool: the tokens the experts act on (scope, token mask, key gate), or None for all; and
+        the key gate's snap, ``(rows, nearest key)`` of the matched tokens, or None."""
         tok_scope = None
         if self.config.anchor_scope and given.scope is not None:
             tok_scope = given.scope[token_seq]
@@ -442,8 +523,8 @@ class MEMoEBypass(nn.Module):
             # anchors given by hand (a ported adapter, manual mode) route as MEMoE does.
             if tok_scope is None:
                 tok_scope = torch.ones(n_tok, dtype=torch.bool)
-            tok_scope = self._key_gate(given, x, tok_scope, token_seq, given.vectors.shape[0])
-        return tok_scope
+            return self._key_gate(given, x, tok_scope, token_seq, given.vectors.shape[0])
+        return tok_scope, None
 
     def active_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: the tokens of ``x`` the experts would act on under the anchors pinned now (they
@@ -457,8 +538,7 @@ class MEMoEBypass(nn.Module):
         if token_seq is None:
             batch = x.shape[0] if x.dim() > 2 else 1
             token_seq = torch.arange(batch).repeat_interleave(n_tok // batch)
-        tok = self._active(given, x, token_seq, n_tok)
-        self._snap = None  # a query: no forward follows that would take the snapped rows
+        tok, _ = self._active(given, x, token_seq, n_tok)
         return torch.ones(n_tok, dtype=torch.bool) if tok is None else tok
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor, anchors: torch.Tensor | None = None,
@@ -493,14 +573,13 @@ class MEMoEBypass(nn.Module):
                                f"{given.vectors.shape[0]} sequences")
         self.last_anchors = given
         sel = None
-        tok_scope = self._active(given, x, token_seq, n_tok)
+        tok_scope, snap = self._active(given, x, token_seq, n_tok)
         if tok_scope is not None:
             if not bool(tok_scope.any()):
                 return out  # no sequence is about an edited entity: the experts have nothing to add
             if not bool(tok_scope.all()):
                 sel = tok_scope.nonzero().squeeze(1).to(x.device)  # only in-scope tokens go through the experts
         flat_x, flat_out = x.reshape(n_tok, hidden), out.reshape(n_tok, hidden)
-        snap, self._snap = self._snap, None
         if snap is not None:
             flat_x = self._snapped(flat_x, *snap)
         seq_idx = token_seq.to(x.device)

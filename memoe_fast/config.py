@@ -69,6 +69,11 @@ class MEMoEConfig:
     # (0: not at all, 1: all the way) toward the nearest of its subject's keys, at the token's own norm,
     # so that a paraphrase reaches the experts as its edit prompt did.
     key_snap: float = 1.0
+    # Subject subspace of the key gate: before the cosine, an input's state and its subject's keys lose
+    # the `key_subject_rank` directions that the subject's *other* prompts share (the top right singular
+    # vectors of the unedited states of memoe_fast.specificity.TRAIN_TEMPLATES about it), so what the
+    # gate compares is the question asked rather than who it is about. 0: the plain cosine.
+    key_subject_rank: int = 32
     # What a key match switches on: "after_match" (from the matching token on, causal) or "whole_input":
     # every in-scope token of a sequence with a match anywhere in the forward's tokens (a prompt is read
     # whole before generation starts, as its anchors are; decoding steps keep the prompt's decision).
@@ -118,6 +123,8 @@ class MEMoEConfig:
             raise ValueError(f"key_span must be one of {KEY_SPANS}, got {self.key_span!r}")
         if self.key_threshold is not None and not -1.0 <= self.key_threshold <= 1.0:
             raise ValueError(f"key_threshold is a cosine similarity in [-1, 1] (or None: no key gate), got {self.key_threshold}")
+        if self.key_subject_rank < 0:
+            raise ValueError(f"key_subject_rank must be >= 0, got {self.key_subject_rank}")
         if not 0.0 <= self.key_snap <= 1.0:
             raise ValueError(f"key_snap must be in [0, 1], got {self.key_snap}")
         if not -1.0 <= self.scope_threshold <= 1.0:

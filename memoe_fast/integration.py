@@ -16,6 +16,7 @@ from .config import MEMoEConfig
 from .io import atomic_dir
 
 KEY_TENSOR = "key_vectors"  # the key gate's prompt keys in bypass.safetensors (not a parameter)
+BASIS_TENSOR = "key_subject_basis"  # the key gate's subject subspaces in bypass.safetensors
 FORMAT_VERSION = 2  # 2 adds the backbone, the host fingerprint, shapes, versions and requests; 1 still loads
 
 
@@ -264,6 +265,9 @@ class MEMoEHandle:
             # The key gate's prompt keys; their subjects by name (bank indices change on reload).
             tensors[KEY_TENSOR] = self.bypass.keys.detach().cpu().contiguous()
             meta["key_subjects"] = [self.bank.subjects[i] for i in self.bypass.key_subject.tolist()]
+            if self.bypass.basis_subject.numel():
+                tensors[BASIS_TENSOR] = self.bypass.key_basis.detach().cpu().contiguous()
+                meta["basis_subjects"] = [self.bank.subjects[i] for i in self.bypass.basis_subject.tolist()]
         text = json.dumps(meta, indent=2)  # fails here, before anything is written, on a non-JSON value
         with atomic_dir(path) as tmp:
             save_file(tensors, os.path.join(tmp, "bypass.safetensors"))
@@ -307,6 +311,7 @@ class MEMoEHandle:
         self.check_compatible(meta, path)
         tensors = load_file(os.path.join(path, "bypass.safetensors"))
         keys = tensors.pop(KEY_TENSOR, None)
+        basis = tensors.pop(BASIS_TENSOR, None)
         extra = int(meta.get("num_experts", self.bypass.num_experts)) - self.bypass.num_experts
         if extra > 0:  # lifelong editing grew the expert set
             self.bypass.add_experts(extra, freeze_existing=False)
@@ -324,8 +329,10 @@ class MEMoEHandle:
             self.add_subjects([s for s, o in zip(meta.get("subjects", []), owners) if o == owner], int(owner))
         self.edited_requests.extend(meta.get("requests", []))
         if keys is not None and self.bank is not None:
-            self.bypass.keys = self.bypass.keys[:0]
-            self.bypass.key_subject = self.bypass.key_subject[:0]
+            self.bypass.clear_keys()
+            if basis is not None:
+                self.bypass.add_subject_basis(
+                    torch.tensor([self.bank.subject_index(s) for s in meta["basis_subjects"]]), basis)
             self.bypass.add_keys(keys, torch.tensor([self.bank.subject_index(s) for s in meta["key_subjects"]]))
         return meta
 

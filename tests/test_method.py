@@ -378,6 +378,43 @@ def test_key_snap_moves_a_matched_token_toward_its_nearest_key(tiny_model, token
         handle.remove()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_key_gate_compares_the_question_without_the_subject_directions(tiny_model, tokenizer, rank):
+    # Two prompts about one subject share its (large) direction s and differ in the relation they ask
+    # (r1, r2): the plain cosine cannot tell them apart; without s the gate passes only the key's relation.
+    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.8, key_subject_rank=rank, key_span="after_match")
+    bypass = handle.bypass
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(bypass.hidden_size, 3, generator=g))
+        s, r1, r2 = q.t()
+        key = 5 * s + r1
+        para = 5 * s + r1 + 0.3 * torch.nn.functional.normalize(torch.randn(bypass.hidden_size, generator=g), dim=0)
+        other = 5 * s + r2
+        if rank:
+            bypass.add_subject_basis(torch.tensor([0]), s.view(1, 1, -1))
+        bypass.add_keys(key.view(1, -1), torch.tensor([0]))
+        x = torch.stack([para, other]).view(2, 1, -1)
+        base = bypass.base_layer(x)
+        with torch.no_grad():
+            bypass.set_anchors(torch.randn(2, bypass.anchor_dim), torch.tensor([True, True]),
+                               candidates=torch.tensor([[True], [True]]))
+            y = bypass(x)
+        assert (y[0] - base[0]).abs().max() > 1e-4  # the paraphrase reaches the experts either way
+        if rank:
+            torch.testing.assert_close(y[1], base[1], rtol=0, atol=0)  # another question about s does not
+        else:
+            assert (y[1] - base[1]).abs().max() > 1e-4
+        # The similarity is the cosine of both vectors with s removed (plain cosine without a basis).
+        rows = torch.stack([para, other, r2 - 2 * s])
+        got = bypass._key_similarity(rows, torch.ones(3, 1, dtype=torch.bool))[:, 0]
+        off = (lambda v: v - (v @ s) * s) if rank else (lambda v: v)
+        want = torch.stack([torch.nn.functional.cosine_similarity(off(v), off(key), dim=0) for v in rows])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+
+
 def test_key_gate_packed_rows_match_padded_rows(tiny_model, tokenizer):
     handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99, key_span="after_match", key_snap=0.0)
     bypass = handle.bypass
@@ -410,6 +447,7 @@ def test_key_gate_edits_are_kept_through_save_and_load(tiny_model, tokenizer, tm
             with editor.handle.disabled():
                 base = tiny_model(**enc).logits
         assert (edited[0, -1] - base[0, -1]).abs().max() > 1e-4  # the edit prompt's last token matches its key
+        saved_gate = {n: getattr(editor.handle.bypass, n).clone() for n in ("keys", "key_basis", "key_proj", "key_basis_idx")}
         editor.handle.save(str(tmp_path / "e"))
     finally:
         editor.handle.remove()
@@ -418,6 +456,11 @@ def test_key_gate_edits_are_kept_through_save_and_load(tiny_model, tokenizer, tm
         handle.load_weights(str(tmp_path / "e"))
         with torch.no_grad():
             torch.testing.assert_close(tiny_model(**enc).logits, edited, rtol=0, atol=0)
+        # The subject subspaces come back with the keys (they decide what the gate compares).
+        # (keys are unit vectors normalised again on load: equal to rounding.)
+        for name in ("keys", "key_basis", "key_proj", "key_basis_idx"):
+            torch.testing.assert_close(getattr(handle.bypass, name), saved_gate[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        assert handle.bypass.key_basis.shape[:2] == (2, min(cfg.key_subject_rank, handle.bypass.hidden_size // 4))
     finally:
         handle.remove()
 

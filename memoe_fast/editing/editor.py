@@ -214,7 +214,8 @@ class MEMoEEditor:
     @torch.no_grad()
     def add_prompt_keys(self, requests) -> None:
         """With ``config.key_threshold``: store each edit prompt's host-MLP input at its last token (and the
-        chat-form prompt's, with ``chat_augment``) as a key of the edit's subject (the key gate)."""
+        chat-form prompt's, with ``chat_augment``) as a key of the edit's subject (the key gate), after,
+        with ``config.key_subject_rank``, the subspace of each new subject (:meth:`subject_bases`)."""
         bank = self.handle.bank
         if self.config.key_threshold is None or bank is None:
             return
@@ -228,20 +229,54 @@ class MEMoEEditor:
         if not texts:
             return
         bypass = self.handle.bypass
-        states = []
+        if self.config.key_subject_rank > 0:
+            known = set(bypass.basis_subject.tolist())
+            new = [s for s in dict.fromkeys(subjects) if bank.subject_index(s) not in known]
+            if new:
+                bypass.add_subject_basis(torch.tensor([bank.subject_index(s) for s in new]), self.subject_bases(new))
+        states = [x[-1] for x in self._mlp_inputs(encoded)]
+        bypass.add_keys(torch.stack(states), torch.tensor([bank.subject_index(s) for s in subjects]))
+
+    def subject_bases(self, subjects: list[str]) -> torch.Tensor:
+        """``(len(subjects), r, D)``: per subject, the top ``r = config.key_subject_rank`` (at most D/4) right singular
+        vectors of the unedited host-MLP inputs at every (non-special) token of the
+        :data:`~memoe_fast.specificity.TRAIN_TEMPLATES` prompts about it: the directions its questions
+        share whatever they ask."""
+        from ..specificity import TRAIN_TEMPLATES, fill
+
+        special = set(self.tokenizer.all_special_ids)
+        encoded = [self.tokenizer(fill(t, s), add_special_tokens=True)["input_ids"]
+                   for s in subjects for t in TRAIN_TEMPLATES]
+        states = self._mlp_inputs(encoded)
+        # At most a quarter of the width: the gate needs most of the space left to compare questions in.
+        n_t, rank = len(TRAIN_TEMPLATES), min(self.config.key_subject_rank, self.handle.bypass.hidden_size // 4)
+        out = []
+        for i in range(len(subjects)):
+            rows = torch.cat([x[[t not in special for t in ids]]
+                              for ids, x in zip(encoded[i * n_t:(i + 1) * n_t], states[i * n_t:(i + 1) * n_t])])
+            basis = torch.linalg.svd(rows.double(), full_matrices=False).Vh[:rank].float()
+            if basis.shape[0] < rank:  # fewer token states than the rank: pad with zero rows (no direction)
+                basis = torch.cat([basis, basis.new_zeros(rank - basis.shape[0], basis.shape[1])])
+            out.append(basis)
+        return torch.stack(out)
+
+    def _mlp_inputs(self, encoded: list[list[int]]) -> list[torch.Tensor]:
+        """The unedited host-MLP input of the edited block at every token of each id list, ``(L, D)`` each."""
+        bypass = self.handle.bypass
+        out: list[torch.Tensor] = []
         store: dict = {}
         hook = bypass.register_forward_pre_hook(lambda _m, args: store.__setitem__("x", args[0]))
         try:
             for start in range(0, len(encoded), self.eval_batch_size):
                 part = encoded[start:start + self.eval_batch_size]
                 batch = collate([(ids, []) for ids in part], self.tokenizer.pad_token_id, self.device)
-                with self.handle.disabled():
+                with torch.no_grad(), self.handle.disabled():
                     self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                last = torch.tensor([len(ids) - 1 for ids in part], device=store["x"].device)
-                states.append(store["x"][torch.arange(len(part), device=last.device), last].float().cpu())
+                x = store["x"].float().cpu()
+                out.extend(x[i, :len(ids)] for i, ids in enumerate(part))
         finally:
             hook.remove()
-        bypass.add_keys(torch.cat(states), torch.tensor([bank.subject_index(s) for s in subjects]))
+        return out
 
     def _chat_pairs(self, requests) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
         """``(text, subject, (prompt ids, target ids))`` of the question-shaped edits asked as a user turn
