@@ -73,7 +73,7 @@ class MEMoEConfig:
     # the `key_subject_rank` directions that the subject's *other* prompts share (the top right singular
     # vectors of the unedited states of memoe_fast.specificity.TRAIN_TEMPLATES about it), so what the
     # gate compares is the question asked rather than who it is about. 0: the plain cosine.
-    key_subject_rank: int = 32
+    key_subject_rank: int = 0
     # What a key match switches on: "after_match" (from the matching token on, causal) or "whole_input":
     # every in-scope token of a sequence with a match anywhere in the forward's tokens (a prompt is read
     # whole before generation starts, as its anchors are; decoding steps keep the prompt's decision).
