@@ -48,12 +48,21 @@ def _f(v) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
-def table(out_root: str) -> str:
+def table(out_root: str, previous: str = "") -> str:
+    """The table's rows from ``out_root/<row>/results.json``; a row without one keeps its line from
+    ``previous`` (the table now in the README), so rerunning some rows never drops the others."""
     lines = ["| command | " + " | ".join(HEAD) + " | edit time (per edit) |",
              "|---|" + "---:|" * (len(HEAD) + 1)]
+    kept = {}
+    for line in previous.splitlines():
+        for name, command in ROWS.items():
+            if line.startswith(f"| `{command}`") and name not in kept:
+                kept[name] = line
     for name, command in ROWS.items():
         path = os.path.join(out_root, name, "results.json")
         if not os.path.exists(path):
+            if name in kept:
+                lines.append(kept[name])
             continue
         r = json.load(open(path))
         pre, post = r["pre"], r["post"]
@@ -84,12 +93,13 @@ def main(argv=None) -> int:
     if not args.reuse:
         for name in args.rows or list(ROWS):
             run(name, args.out)
-    body = table(args.out)
+    readme = os.path.join(ROOT, "README.md")
+    text = open(readme, encoding="utf-8").read()
+    previous = text[text.index(START):text.index(END)] if START in text and END in text else ""
+    body = table(args.out, previous)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     block = (f"{START}\n`python benchmarks/eval_table.py` (CPU only, {machine}; library defaults, fast editor, "
              f"embedded SmolLM2-135M-Instruct; test splits):\n\n{body}\n{END}")
-    readme = os.path.join(ROOT, "README.md")
-    text = open(readme, encoding="utf-8").read()
     if START in text and END in text:
         text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
     else:
