@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens the experts act on in an in-scope input (default {d.bypass_positions})")
     e.add_argument("--key-threshold", type=float, default=None,
                    help=f"key gate: cosine an input's token needs to an edit prompt's key (default {d.key_threshold})")
+    e.add_argument("--key-subject-rank", type=int, default=None,
+                   help="key gate: directions of the edited subject's other prompts removed before the cosine "
+                        f"(0: plain cosine; default {d.key_subject_rank})")
     e.add_argument("--key-span", choices=("whole_input", "after_match"), default=None,
                    help=f"what a key match switches on (default {d.key_span})")
     e.add_argument("--negatives", type=int, default=None,
@@ -144,6 +147,7 @@ def _config_from_args(args):
                            ("update_batch", "--update-batch", args.update_batch),
                            ("sequential_experts", "--sequential-experts", args.sequential_experts),
                            ("key_threshold", "--key-threshold", args.key_threshold),
+                           ("key_subject_rank", "--key-subject-rank", args.key_subject_rank),
                            ("key_span", "--key-span", args.key_span)):
         if val is not None:
             over[key] = val

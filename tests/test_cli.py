@@ -62,6 +62,9 @@ def no_model(monkeypatch):
     pytest.param(dict(argv=["--key-threshold", "1.5"], data=None,
                       message="--key-threshold 1.5: key_threshold is a cosine similarity in [-1, 1]"),
                  id="key-threshold-not-a-cosine"),
+    pytest.param(dict(argv=["--key-subject-rank", "-1"], data=None,
+                      message="--key-subject-rank -1: key_subject_rank must be >= 0"),
+                 id="key-subject-rank-negative"),
     pytest.param(dict(argv=["--layer", "x"], data=None, message="argument --layer: invalid int value: 'x'"),
                  id="layer-not-an-integer"),
 ])
