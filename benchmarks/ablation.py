@@ -44,6 +44,8 @@ ROWS = {
     "key-0.40": {"key_subject_rank": 32, "key_threshold": 0.40},
     "key-0.45": {"key_subject_rank": 32, "key_threshold": 0.45},
     "key-0.50": {"key_subject_rank": 32, "key_threshold": 0.50},
+    "key-0.40-best": {"key_subject_rank": 32, "key_threshold": 0.40, "key_snap_tokens": "best"},
+    "key-0.45-best": {"key_subject_rank": 32, "key_threshold": 0.45, "key_snap_tokens": "best"},
     "key-0.80": {"key_threshold": 0.80},
     "key-0.85": {"key_threshold": 0.85},
     "ft-l": {"_ftl": True},

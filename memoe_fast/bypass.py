@@ -353,7 +353,13 @@ class MEMoEBypass(nn.Module):
                 hit &= given.key_tokens.index_select(0, idx).to(hit.device)
             match[idx] = hit.cpu()
             if self.config.key_snap > 0 and bool(hit.any()):
-                snap = (idx[hit.cpu()], nearest[hit])
+                snap_rows = hit
+                if self.config.key_snap_tokens == "best":  # only each sequence's closest matching token
+                    seq_of = token_seq.index_select(0, idx).to(best.device)
+                    scored = best.masked_fill(~hit, -3.0)
+                    top = torch.full((n_seq,), -3.0, device=best.device).scatter_reduce(0, seq_of, scored, "amax")
+                    snap_rows = hit & (scored == top[seq_of])
+                snap = (idx[snap_rows.cpu()], nearest[snap_rows])
         if self.config.key_span == "whole_input":
             hit_seq = torch.zeros(n_seq, dtype=torch.bool)
             hit_seq[token_seq[match]] = True

@@ -9,6 +9,7 @@ EXPERT_INITS = ("copy_zero_down", "random_zero_down")
 ANCHOR_POOLINGS = ("canonical", "positions")
 LR_SCHEDULES = ("cosine", "constant")
 KEY_SPANS = ("after_match", "whole_input")
+KEY_SNAP_TOKENS = ("all", "best")
 BYPASS_POSITIONS = ("all", "after_subject")
 ROUTINGS = ("anchor", "token")
 SEQUENTIAL_EXPERTS = ("shared", "per_batch")
@@ -69,6 +70,8 @@ class MEMoEConfig:
     # (0: not at all, 1: all the way) toward the nearest of its subject's keys, at the token's own norm,
     # so that a paraphrase reaches the experts as its edit prompt did.
     key_snap: float = 1.0
+    # Which matched tokens snap: "all" of them, or only the "best" (closest) one of each sequence.
+    key_snap_tokens: str = "all"
     # Subject subspace of the key gate: before the cosine, an input's state and its subject's keys lose
     # the `key_subject_rank` directions that the subject's *other* prompts share (the top right singular
     # vectors of the unedited states of memoe_fast.specificity.TRAIN_TEMPLATES about it), so what the
@@ -125,6 +128,8 @@ class MEMoEConfig:
             raise ValueError(f"key_threshold is a cosine similarity in [-1, 1] (or None: no key gate), got {self.key_threshold}")
         if self.key_subject_rank < 0:
             raise ValueError(f"key_subject_rank must be >= 0, got {self.key_subject_rank}")
+        if self.key_snap_tokens not in KEY_SNAP_TOKENS:
+            raise ValueError(f"key_snap_tokens must be one of {KEY_SNAP_TOKENS}, got {self.key_snap_tokens!r}")
         if not 0.0 <= self.key_snap <= 1.0:
             raise ValueError(f"key_snap must be in [0, 1], got {self.key_snap}")
         if not -1.0 <= self.scope_threshold <= 1.0:

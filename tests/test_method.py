@@ -415,6 +415,34 @@ def test_key_gate_compares_the_question_without_the_subject_directions(tiny_mode
         handle.remove()
 
 
+def test_key_snap_tokens_best_snaps_only_the_closest_match_of_a_sequence(tiny_model, tokenizer):
+    handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.5, key_snap=1.0, key_snap_tokens="best")
+    bypass = handle.bypass
+    try:
+        g = torch.Generator().manual_seed(1)
+        keys = torch.randn(2, bypass.hidden_size, generator=g)
+        bypass.add_keys(keys, torch.tensor([0, 0]))
+        unit = torch.nn.functional.normalize(keys, dim=-1)
+        noise = torch.nn.functional.normalize(torch.randn(2, bypass.hidden_size, generator=g), dim=-1)
+        close = 2.0 * torch.nn.functional.normalize(unit[1] + 0.1 * noise[0], dim=-1)  # cosine ~0.99 to key 1
+        far = 2.0 * torch.nn.functional.normalize(unit[0] + 0.6 * noise[1], dim=-1)  # ~0.86 to key 0: matches too
+        x = torch.stack([far, close]).unsqueeze(0)
+        anchor = torch.randn(1, bypass.anchor_dim)
+        with torch.no_grad():
+            bypass.set_anchors(anchor, torch.tensor([True]), candidates=torch.tensor([[True, True]]))
+            y = bypass.moe_output(x)
+            # The expert term with only the closest token moved onto its key (latched: nothing snaps by itself).
+            bypass.set_anchors(anchor, torch.tensor([True]), candidates=torch.tensor([[False, False]]),
+                               latched=torch.tensor([True]), pin=True)
+            want = bypass.moe_output(torch.stack([far, unit[1] * close.norm()]).unsqueeze(0))
+            both = bypass.moe_output(torch.stack([unit[0] * far.norm(), unit[1] * close.norm()]).unsqueeze(0))
+            bypass.clear_anchors()
+        assert (want[0, 0] - both[0, 0]).abs().max() > 1e-3  # snapping the far token would show
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+
+
 def test_key_gate_packed_rows_match_padded_rows(tiny_model, tokenizer):
     handle = _bypass_handle(tiny_model, tokenizer, key_threshold=0.99, key_span="after_match", key_snap=0.0)
     bypass = handle.bypass
@@ -436,7 +464,7 @@ def test_key_gate_packed_rows_match_padded_rows(tiny_model, tokenizer):
 
 def test_key_gate_edits_are_kept_through_save_and_load(tiny_model, tokenizer, tmp_path):
     cfg = MEMoEConfig(layer=1, steps=3, lr=1e-2, impl="reference", key_threshold=0.9, bypass_positions="after_subject",
-                      stop_loss=0)
+                      stop_loss=0, key_subject_rank=32)
     editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
     enc = tokenizer([REQUESTS[0].prompt], return_tensors="pt")
     try:
