@@ -19,6 +19,10 @@ from ..metrics import (Batch, attach_expected_argmax, collate, encode_pair, eval
 
 REF_TOPK = 32  # unedited tokens per negative position that the KL keeps
 
+
+class _Captured(Exception):
+    """Raised by a forward hook once it holds what it needs: the rest of the forward is skipped."""
+
 MODES = ("batch", "sequential")
 
 
@@ -265,14 +269,25 @@ class MEMoEEditor:
         bypass = self.handle.bypass
         out: list[torch.Tensor] = []
         store: dict = {}
-        hook = bypass.register_forward_pre_hook(lambda _m, args: store.__setitem__("x", args[0]))
+
+        def grab(_m, args):
+            store["x"] = args[0]
+            # The blocks above the edited one are not needed. (The bypass is disabled here, so the handle
+            # set no anchors that the skipped part of the forward would have consumed.)
+            raise _Captured
+
+        hook = bypass.register_forward_pre_hook(grab)
         try:
             for start in range(0, len(encoded), self.eval_batch_size):
                 part = encoded[start:start + self.eval_batch_size]
                 batch = collate([(ids, []) for ids in part], self.tokenizer.pad_token_id, self.device)
-                with torch.no_grad(), self.handle.disabled():
-                    self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                x = store["x"].float().cpu()
+                try:
+                    with torch.no_grad(), self.handle.disabled():
+                        self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                              use_cache=False)
+                except _Captured:
+                    pass
+                x = store.pop("x").float().cpu()
                 out.extend(x[i, :len(ids)] for i, ids in enumerate(part))
         finally:
             hook.remove()
