@@ -194,7 +194,8 @@ def make_layer_step(provider: str, tokens: int, hidden: int, ffn: int, experts: 
 
 def interleaved_medians(steps: dict, rounds: int) -> dict:
     """Median seconds per provider, the providers alternated round by round (a busy neighbour on a
-    shared machine slows all of them alike)."""
+    shared machine slows all of them alike). The order rotates every round: a provider that always ran
+    right after the dense reference would pay for the memory the reference just released."""
     import statistics
     import time
 
@@ -202,8 +203,10 @@ def interleaved_medians(steps: dict, rounds: int) -> dict:
     for s in steps.values():  # warm-up
         s()
         s()
-    for _ in range(rounds):
-        for p, s in steps.items():
+    names = list(steps)
+    for r in range(rounds):
+        for p in names[r % len(names):] + names[:r % len(names)]:
+            s = steps[p]
             _sync()
             t0 = time.perf_counter()
             s()
