@@ -249,10 +249,13 @@ if __name__ == "__main__":
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--providers", nargs="+", default=list(EDIT_PROVIDERS), choices=EDIT_PROVIDERS)
+    ap.add_argument("--hidden", type=int, default=EDIT_SHAPE["hidden"])
+    ap.add_argument("--ffn", type=int, default=EDIT_SHAPE["ffn"])
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     for t in a.tokens:
-        shape = dict(EDIT_SHAPE, tokens=t, top_k=a.top_k)
-        steps = {p: make_layer_step(p, **shape) for p in EDIT_PROVIDERS}
+        shape = dict(EDIT_SHAPE, tokens=t, top_k=a.top_k, hidden=a.hidden, ffn=a.ffn)
+        steps = {p: make_layer_step(p, **shape) for p in a.providers}
         print(format_layer_table(interleaved_medians(steps, a.rounds), shape))
