@@ -260,6 +260,10 @@ def markdown(rows: list[Row], archs=(89, 90), dtypes=("bfloat16",)) -> str:
     return "\n".join(lines)
 
 
+def _csv(value: str | None) -> list[str] | None:
+    return [x for x in value.split(",") if x] if value else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subset", default="ci", choices=sorted(SUBSETS))
@@ -276,12 +280,14 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_matrix: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
-    split = lambda v: [x for x in v.split(",") if x] if v else None  # noqa: E731
-    dtypes, sites = split(args.dtypes), split(args.sites)
-    archs = [int(a) for a in split(args.archs)] if args.archs else None
-    unknown = sorted(set(dtypes or ()) - set(DTYPES)) + sorted(set(archs or ()) - set(ARCHS))
+    from .triton_path import SITES
+
+    dtypes, sites = _csv(args.dtypes), _csv(args.sites)
+    archs = [int(a) for a in _csv(args.archs)] if args.archs else None
+    unknown = (sorted(set(dtypes or ()) - set(DTYPES)) + sorted(set(archs or ()) - set(ARCHS))
+               + sorted(set(sites or ()) - set(SITES)))
     if unknown:
-        ap.error(f"unknown dtype or arch: {unknown}")
+        ap.error(f"unknown dtype, arch or site: {unknown}")
     rows = run_matrix("all" if args.all else args.subset, args.budget_s, dtypes=dtypes, archs=archs, sites=sites,
                       log=(lambda *a: None) if args.quiet else print)
     if args.json:
