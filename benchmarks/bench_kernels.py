@@ -194,7 +194,8 @@ def make_layer_step(provider: str, tokens: int, hidden: int, ffn: int, experts: 
 
 def interleaved_medians(steps: dict, rounds: int) -> dict:
     """Median seconds per provider, the providers alternated round by round (a busy neighbour on a
-    shared machine slows all of them alike)."""
+    shared machine slows all of them alike). The order rotates every round: a provider that always ran
+    right after the dense reference would pay for the memory the reference just released."""
     import statistics
     import time
 
@@ -202,8 +203,10 @@ def interleaved_medians(steps: dict, rounds: int) -> dict:
     for s in steps.values():  # warm-up
         s()
         s()
-    for _ in range(rounds):
-        for p, s in steps.items():
+    names = list(steps)
+    for r in range(rounds):
+        for p in names[r % len(names):] + names[:r % len(names)]:
+            s = steps[p]
             _sync()
             t0 = time.perf_counter()
             s()
@@ -246,10 +249,13 @@ if __name__ == "__main__":
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--providers", nargs="+", default=list(EDIT_PROVIDERS), choices=EDIT_PROVIDERS)
+    ap.add_argument("--hidden", type=int, default=EDIT_SHAPE["hidden"])
+    ap.add_argument("--ffn", type=int, default=EDIT_SHAPE["ffn"])
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     for t in a.tokens:
-        shape = dict(EDIT_SHAPE, tokens=t, top_k=a.top_k)
-        steps = {p: make_layer_step(p, **shape) for p in EDIT_PROVIDERS}
+        shape = dict(EDIT_SHAPE, tokens=t, top_k=a.top_k, hidden=a.hidden, ffn=a.ffn)
+        steps = {p: make_layer_step(p, **shape) for p in a.providers}
         print(format_layer_table(interleaved_medians(steps, a.rounds), shape))

@@ -2,7 +2,10 @@
 
 ``test_ci_compile_matrix`` compiles every config the pruner keeps for the CI subset of the matrix
 (bf16 LLaMA2-7B GLU experts, k = 2, sm_89) in a subprocess without the interpreter and checks the
-compiler's own figures; the whole matrix is ``python -m memoe_fast.ops.compile_matrix --all``.
+compiler's own figures; ``test_fp32_sites_that_spilled_compile_without_spills`` does the same for
+the two fp32 (tf32x3) sites that spilled there before the fp32 register model. The whole matrix is
+``python -m memoe_fast.ops.compile_matrix --all``; the fp32 table of benchmarks/RESULTS.md is
+``python -m memoe_fast.ops.compile_matrix --subset table --dtypes float32 --markdown`` (6 minutes cold).
 """
 from __future__ import annotations
 
@@ -73,15 +76,30 @@ def test_pruner_keeps_a_config_per_launch(arch, dtype):
             assert kept, f"{name}: no config fits sm_{arch} in {dtype}"
 
 
-def test_ci_compile_matrix(tmp_path):
+def _compile_matrix(tmp_path, *args) -> list[dict]:
+    """Rows of ``python -m memoe_fast.ops.compile_matrix --subset ci *args`` run without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = tmp_path / "rows.json"
     res = subprocess.run([sys.executable, "-m", "memoe_fast.ops.compile_matrix", "--subset", "ci", "--quiet",
-                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=1800)
+                          "--json", str(out), *args], env=env, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    rows = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_fp32_sites_that_spilled_compile_without_spills(tmp_path):
+    # With fp32 counted as twice a 16-bit operand, the pruner kept configs that spill on sm_89 here:
+    # expert_down_fwd 32x64x64 and 64x64x32 (44 and 48 bytes), gate_fwd 64x32 (16 bytes). A few compiles.
+    rows = _compile_matrix(tmp_path, "--dtypes", "float32", "--sites", "expert_down_fwd,gate_fwd")
+    assert {r["site"] for r in rows} == {"expert_down_fwd", "gate_fwd"}
+    for r in rows:
+        assert r["shared"] <= r["shared_limit"], r
+        assert r["spill_bytes"] == 0, r
+
+
+def test_ci_compile_matrix(tmp_path):
+    rows = _compile_matrix(tmp_path)
     compiled_sites = {r["site"] for r in rows}
     assert compiled_sites == set(_sites()), "every launch site of the call compiles at least one config"
     for r in rows:

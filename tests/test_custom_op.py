@@ -81,3 +81,69 @@ def test_torch_compile_of_an_edited_llama_matches_eager():
         gc = torch.autograd.grad(compiled(ids).logits.square().mean(), [bypass.w1, bypass.w2])
     assert_close("dw1", gc[0], ge[0], *FP32)
     assert_close("dw2", gc[1], ge[1], *FP32)
+
+
+@pytest.mark.slow
+def test_inductor_compile_of_an_edited_smollm2_matches_eager(embedded):
+    # The embedded SmolLM2 edited at block 0, compiled by the default inductor backend on the CPU with its
+    # on-disk caches off (a cached graph would prove nothing): the logits, the balance loss and every
+    # bypass gradient equal eager's. Block 0 keeps the compile cheap: dynamo re-traces the blocks before
+    # the bypass's graph breaks once per enclosing frame. A prompt key switches the experts on from token 2
+    # of sequence 0 only, so the compiled graph carries the in-scope rows through the registered op.
+    import torch._inductor.config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    import memoe_fast
+    from memoe_fast.anchors import Anchors
+
+    model, _ = embedded
+    handle = memoe_fast.apply_memoe(model, memoe_fast.MEMoEConfig(
+        layer=0, top_k=2, aux_loss_weight=0.1, key_threshold=0.99, key_span="after_match", key_snap=0.0,
+        impl="torch"))
+    bypass = handle.bypass
+    try:
+        with torch.no_grad():
+            bypass.w2.normal_(0, 0.02)  # down projections start at zero, where the bypass adds nothing
+        # "The Eiffel Tower is", "Paris is the capital of": five tokens each keep the compile cheap.
+        ids = torch.tensor([[504, 414, 46682, 18669, 314], [38634, 314, 260, 3575, 282]])
+        seen = {}
+        hook = bypass.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0].detach().clone()))
+        with handle.disabled(), torch.no_grad():
+            base = model(ids, use_cache=False).logits
+        hook.remove()
+        bypass.add_keys(seen["x"][0, 2:3], torch.tensor([0]))  # subject 0's key: sequence 0's token 2
+        anchors = Anchors(torch.randn(2, bypass.anchor_dim), torch.tensor([True, True]), [[], []], matched=[[0], [1]])
+        params = bypass.bypass_parameters()
+
+        def step(m):
+            with handle.anchored(anchors=anchors):
+                logits = m(ids, use_cache=False).logits
+            aux = bypass.last_aux_loss
+            grads = torch.autograd.grad(logits.square().mean() + aux, list(params.values()))
+            return logits.detach(), aux.detach(), dict(zip(params, grads))
+
+        graphs = []
+
+        def inductor(gm, example_inputs):
+            graphs.append(gm)
+            return compile_fx(gm, example_inputs)
+
+        model.train()  # the balance loss is computed in training (gate_noise is 0: no randomness)
+        eager, eager_aux, eager_g = step(model)
+        torch._dynamo.reset()
+        with inductor_config.patch(force_disable_caches=True):
+            got, got_aux, got_g = step(torch.compile(model, backend=inductor))
+    finally:
+        model.eval()
+        torch._dynamo.reset()
+        handle.remove()
+    ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert "memoe_fast.moe_bypass_torch.default" in ops, "the compiled graphs must hold the registered op"
+    torch.testing.assert_close(eager[0, :2], base[0, :2], rtol=0, atol=0)  # before the key: host only
+    torch.testing.assert_close(eager[1], base[1], rtol=0, atol=0)  # no key of its subject: host only
+    assert (eager[0, 2:] - base[0, 2:]).abs().amax() > 1e-2, "the bypass must change the logits for the check to count"
+    assert_close("logits", got, eager, *FP32)
+    assert_close("balance loss", got_aux, eager_aux, *FP32)
+    for name, g in eager_g.items():
+        assert g.abs().amax() > 0, f"d{name} is zero: the check would prove nothing"
+        assert_close(f"d{name}", got_g[name], g, *FP32)

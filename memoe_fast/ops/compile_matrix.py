@@ -14,7 +14,9 @@ Run the whole matrix and print the table (needs no GPU; run with TRITON_INTERPRE
     python -m memoe_fast.ops.compile_matrix --all --markdown
 
 ``--subset ci`` is the part ``tests/test_compile_matrix.py`` runs; ``--subset table`` makes the sm_89/sm_90
-table of ``benchmarks/RESULTS.md``.
+tables of ``benchmarks/RESULTS.md``; ``--dtypes``, ``--archs`` and ``--sites`` narrow a subset, e.g.::
+
+    python -m memoe_fast.ops.compile_matrix --subset table --dtypes float32 --markdown
 """
 from __future__ import annotations
 
@@ -161,13 +163,19 @@ def _config_str(cfg) -> str:
     return f"{kw} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def run_matrix(subset: str = "ci", budget_s: float | None = None, log=print) -> list[Row]:
-    """Every (site, kept config, dtype, arch) of ``subset``; the cache is read and written."""
+def run_matrix(subset: str = "ci", budget_s: float | None = None, log=print, dtypes=None, archs=None,
+               sites=None) -> list[Row]:
+    """Every (site, kept config, dtype, arch) of ``subset``; the cache is read and written. ``dtypes``,
+    ``archs`` and ``sites`` (names) narrow the subset."""
     import torch
 
     from .triton_tuning import ARCH_LIMITS
 
-    spec = SUBSETS[subset]
+    spec = dict(SUBSETS[subset])
+    if dtypes:
+        spec["dtypes"] = tuple(dtypes)
+    if archs:
+        spec["archs"] = tuple(archs)
     path = _cache_path()
     cache = {}
     if os.path.exists(path):
@@ -182,6 +190,8 @@ def run_matrix(subset: str = "ci", budget_s: float | None = None, log=print) -> 
             for activation, top_k, experts in spec["variants"]:
                 variant = f"{activation} k={top_k} E={experts}"
                 for site, kwargs in capture_calls(dtype_name, activation, top_k, experts):
+                    if sites and site.name not in sites:
+                        continue
                     sig = (site.name, dtype_name, kwargs.get("ATOMIC"), kwargs.get("TOP_K"), kwargs.get("E"),
                            tuple(k for k, v in kwargs.items() if v is None))
                     if sig in seen:
@@ -250,10 +260,17 @@ def markdown(rows: list[Row], archs=(89, 90), dtypes=("bfloat16",)) -> str:
     return "\n".join(lines)
 
 
+def _csv(value: str | None) -> list[str] | None:
+    return [x for x in value.split(",") if x] if value else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subset", default="ci", choices=sorted(SUBSETS))
     ap.add_argument("--all", action="store_true", help="the whole matrix (same as --subset all)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated dtypes instead of the subset's " + ",".join(DTYPES))
+    ap.add_argument("--archs", default=None, help="comma-separated compute capabilities instead of the subset's: 89,90")
+    ap.add_argument("--sites", default=None, help="comma-separated launch-site names (default: every site)")
     ap.add_argument("--budget-s", type=float, default=None)
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--markdown", action="store_true", help="print the sm_89/sm_90 table")
@@ -263,12 +280,21 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_matrix: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
-    rows = run_matrix("all" if args.all else args.subset, args.budget_s, log=(lambda *a: None) if args.quiet else print)
+    from .triton_path import SITES
+
+    dtypes, sites = _csv(args.dtypes), _csv(args.sites)
+    archs = [int(a) for a in _csv(args.archs)] if args.archs else None
+    unknown = (sorted(set(dtypes or ()) - set(DTYPES)) + sorted(set(archs or ()) - set(ARCHS))
+               + sorted(set(sites or ()) - set(SITES)))
+    if unknown:
+        ap.error(f"unknown dtype, arch or site: {unknown}")
+    rows = run_matrix("all" if args.all else args.subset, args.budget_s, dtypes=dtypes, archs=archs, sites=sites,
+                      log=(lambda *a: None) if args.quiet else print)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f)
     if args.markdown:
-        print(markdown(rows, dtypes=tuple(args.markdown_dtypes.split(","))))
+        print(markdown(rows, dtypes=tuple(dtypes or args.markdown_dtypes.split(","))))
     bad = problems(rows)
     for b in bad:
         print("DOES NOT FIT:", b)

@@ -56,8 +56,10 @@ SITES = {
         "gate_anchor", _gate_anchor_kernel, [triton.Config({"BLOCK_S": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2)],
         ["A", "E"], gate_cost("BLOCK_K"), "anchor_ptr",
         interpret_config=triton.Config({"BLOCK_S": 16, "BLOCK_K": 32}), gemm=False),
+    # fp32 tokens: ptxas spills the gate forward at 128 elements of the product per thread (64x32, 4
+    # warps, E=8 on sm_89), which the 16-bit tokens do not; 1.25 prunes that size for fp32 only.
     "gate_fwd": LaunchSite("gate_fwd", _gate_fwd_kernel, gate_candidates("BLOCK_K"), ["D", "E", "TOP_K", "T_BUCKET"],
-                           gate_cost("BLOCK_K"), "x_ptr", interpret_config=triton.Config({"BLOCK_T": 16, "BLOCK_K": 32}),
+                           gate_cost("BLOCK_K", fp32_product=1.25), "x_ptr", interpret_config=triton.Config({"BLOCK_T": 16, "BLOCK_K": 32}),
                            restore=("counts_ptr",), gemm=False),
     "gate_bwd": LaunchSite("gate_bwd", _gate_bwd_kernel, gate_candidates("BLOCK_D"), ["D", "E", "TOP_K", "T_BUCKET"],
                            gate_cost("BLOCK_D"), "w_ptr", interpret_config=triton.Config({"BLOCK_T": 16, "BLOCK_D": 32}),

@@ -88,14 +88,20 @@ def gemm_shared_bytes(cfg: triton.Config, fp: Footprint, elem_bytes: int) -> int
 
 def gemm_registers(cfg: triton.Config, fp: Footprint, elem_bytes: int) -> int:
     """Registers per thread: the fp32 accumulators and what the epilogue keeps beside them, the operand
-    fragments of one K step (twice for fp32 operands, which tf32x3 splits into a high and a low part),
-    and a fixed allowance for addresses, masks and loop state."""
+    fragments of one K step, and a fixed allowance for addresses, masks and loop state.
+
+    16-bit operands: every tile of the K step, packed two to a register. fp32 operands (tf32x3): each
+    element is held as loaded, as its tf32 high part, its residual and the residual's tf32 part, so
+    four registers per element, and a larger allowance for the split's temporaries; a site's dots run
+    one after the other, so only one dot's pair of tiles counts. Fitted to ``ptxas -v`` over the fp32
+    compile matrix on sm_89 and sm_90, where the 16-bit model (fp32 counted twice) kept 13 GEMM configs
+    that spill (benchmarks/RESULTS.md)."""
     m, n, k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     threads = 32 * cfg.num_warps
     acc = int(fp.acc_cost * fp.n_acc * m * n / threads)
-    operands = (fp.n_a * m * k + fp.n_b * k * n) * elem_bytes // 4 // threads
     if elem_bytes == 4:
-        operands *= 2
+        return acc + 4 * (m * k + k * n) // threads + 72
+    operands = (fp.n_a * m * k + fp.n_b * k * n) * elem_bytes // 4 // threads
     return acc + operands + 48
 
 
@@ -123,15 +129,19 @@ def gate_candidates(inner: str = "BLOCK_K") -> list[triton.Config]:
                               (128, 32, 8))]
 
 
-def gate_cost(inner: str):
+def gate_cost(inner: str, fp32_product: float = 1.0):
     """(shared bytes, registers per thread) of a gate config: the (BLOCK_T, BLOCK_E, inner) fp32 product
-    that the broadcast-and-reduce keeps in registers, and its cross-warp reduction in shared memory."""
+    that the broadcast-and-reduce keeps in registers, and its cross-warp reduction in shared memory.
+    ``fp32_product`` scales the product's registers when the site's operand is fp32."""
 
     def cost(cfg: triton.Config, elem_bytes: int, nargs: dict):
         block_e = max(2, triton.next_power_of_2(int(nargs.get("E", 16))))
         threads = 32 * cfg.num_warps
         elems = cfg.kwargs.get("BLOCK_T", cfg.kwargs.get("BLOCK_S", 16)) * block_e * cfg.kwargs[inner]
-        return elems // 2 + 4096, elems // threads + 96
+        per_thread = elems // threads
+        if elem_bytes == 4:
+            per_thread = int(per_thread * fp32_product)
+        return elems // 2 + 4096, per_thread + 96
 
     return cost
 
