@@ -89,6 +89,11 @@ MUTANTS = [
     Mutant("lambda-ignored", "memoe_fast/bypass.py",
            "token_scale=None if self.config.scale == 1.0 else torch.full((tokens.shape[0],), self.config.scale, "
            "device=x.device)", "token_scale=None", BYPASS),
+    Mutant("key-gate-ignores-subject-basis", "memoe_fast/bypass.py",
+           "rest = (sq.index_select(0, r_idx) - (x @ basis[b].t()).square().sum(-1)).clamp_min(1e-12).sqrt()",
+           "rest = sq.index_select(0, r_idx).clamp_min(1e-12).sqrt()", ["tests/test_method.py"]),
+    Mutant("key-snap-best-snaps-every-match", "memoe_fast/bypass.py",
+           'if self.config.key_snap_tokens == "best":', 'if False:', ["tests/test_method.py"]),
     Mutant("scope-ignores-anchor_scope-off", "memoe_fast/bypass.py",
            "if self.config.anchor_scope and given.scope is not None:", "if given.scope is not None:", BYPASS),
     Mutant("scope-selects-out-of-scope-tokens", "memoe_fast/bypass.py",
