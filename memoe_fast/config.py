@@ -63,9 +63,10 @@ class MEMoEConfig:
     negative_tokens: int = 4
     # Key gate: within an in-scope input, the experts switch on only where a token's host-MLP input is
     # within this cosine similarity of one of its subject's edit-prompt keys (the state at the edit
-    # prompt's last token); `key_span` says which tokens that switches on. None: off (every in-scope
-    # token). 0.825 balances paraphrase reach against same-subject questions (RESULTS.md, "Edits that hold").
-    key_threshold: float | None = 0.825
+    # prompt's last token), compared without the subject's own directions (`key_subject_rank`);
+    # `key_span` says which tokens that switches on. None: off (every in-scope token). 0.45 (with rank
+    # 32) balances paraphrase reach against same-subject questions (RESULTS.md, "Edits that hold").
+    key_threshold: float | None = 0.45
     # Key snap: at a token the key gate matched, the experts read the host-MLP input moved this far
     # (0: not at all, 1: all the way) toward the nearest of its subject's keys, at the token's own norm,
     # so that a paraphrase reaches the experts as its edit prompt did.
@@ -76,7 +77,7 @@ class MEMoEConfig:
     # the `key_subject_rank` directions that the subject's *other* prompts share (the top right singular
     # vectors of the unedited states of memoe_fast.specificity.TRAIN_TEMPLATES about it), so what the
     # gate compares is the question asked rather than who it is about. 0: the plain cosine.
-    key_subject_rank: int = 0
+    key_subject_rank: int = 32
     # What a key match switches on: "after_match" (from the matching token on, causal) or "whole_input":
     # every in-scope token of a sequence with a match anywhere in the forward's tokens (a prompt is read
     # whole before generation starts, as its anchors are; decoding steps keep the prompt's decision).
