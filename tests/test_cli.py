@@ -201,7 +201,7 @@ def test_edit_then_generate_on_the_embedded_model(tmp_path, capsys, embedded):
 
 def test_no_prepack_flag_edits_without_packed_weights(tmp_path, embedded):
     out = tmp_path / "run"
-    assert main(["edit", "--n", "2", "--steps", "2", "--no-prepack", "--out", str(out), "--no-progress"]) == 0
+    assert main(["edit", "--n", "2", "--steps", "2", "--no-prepack", "--no-user-metrics", "--out", str(out), "--no-progress"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["editor_options"]["prepack"] is False and result["prepacked"] is False
 
@@ -221,7 +221,7 @@ def test_low_precision_sequential_edit(tmp_path, dtype):
 
     out = tmp_path / "run"
     argv = ["edit", "--n", "3", "--steps", "2", "--dtype", dtype, "--mode", "sequential", "--batch-size", "2",
-            "--out", str(out), "--no-progress"]
+            "--no-user-metrics", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["mode"] == "sequential" and result["batch_size"] == 2
@@ -243,7 +243,7 @@ def test_8bit_edit_then_generate_with_its_config_and_compare(tmp_path, capsys, e
 
     out = tmp_path / "run"
     argv = ["edit", "--n", "2", "--steps", "2", "--load-in-8bit", "--experts", "2", "--top-k", "2", "--layer", "3",
-            "--no-scope", "--out", str(out), "--no-progress"]
+            "--no-scope", "--no-user-metrics", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["load_in_8bit"] is True and result["layer"] == 3
