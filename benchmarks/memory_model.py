@@ -163,10 +163,10 @@ def measure(spec: dict) -> dict:
         for prm in model.parameters():
             if prm.dtype != torch.int8:
                 prm.data = prm.data.clone()
-    # The model covers the editor's full-row path: every in-scope token through the experts, no chat-form
-    # pairs. The defaults' key gate runs only each sequence's suffix above the edited block (less
-    # activation memory, plus cached keys/values) and doubles question-shaped edits in chat form; the
-    # model does not count those yet (benchmarks/RESULTS.md, "Memory model").
+    # Measured on the editor's full-row path: every in-scope token through the experts, no chat-form
+    # pairs, no key gate. The model counts the chat forms as sequences and the key gate's store
+    # (predict_peak's keys/key_subjects), but not the defaults' suffix-only run above the edited block
+    # (less activation memory, plus cached keys/values; benchmarks/RESULTS.md, "Memory model").
     config = MEMoEConfig(num_experts=spec["experts"], steps=spec["steps"], expert_dtype=spec.get("expert_dtype"),
                          layer=spec.get("layer"), stop_loss=0.0, seed=0, bypass_positions="all",
                          key_threshold=None, chat_augment=False)
@@ -253,17 +253,22 @@ def validation_table(results: list[tuple[str, dict]]) -> str:
 
 
 def llama7b_table(budget: int = 22 * GiB, edits=(30, 100, 1000), experts: int = 4, expert_dtype: str = "bfloat16",
-                  prompt_tokens: float = 12.3, target_tokens: float = 3.2) -> str:
-    """The full LLaMA-2-7B (int8 blocks, fp16 embeddings and head) on CUDA: each term at the micro-batch
-    picked for ``budget``."""
+                  prompt_tokens: float = 12.3, target_tokens: float = 3.2, chat_tokens: float = 9.0,
+                  update_batch: int = 50, key_rank: int = 32) -> str:
+    """The full LLaMA-2-7B (int8 blocks, fp16 embeddings and head) on CUDA with the library's defaults: each
+    question-shaped edit also trained in chat form (``chat_tokens`` more prompt tokens), ``update_batch``
+    edits per optimiser update (every group's prefix cached), the key gate's keys and subject subspaces;
+    each term at the micro-batch picked for ``budget``."""
     from memoe_fast.editing.memory import LLAMA2_7B, pick_micro_batch, predict_peak
 
-    kw = dict(num_experts=experts, expert_dtype=expert_dtype, device="cuda", prompt_tokens=prompt_tokens,
-              target_tokens=target_tokens)
+    kw = dict(num_experts=experts, expert_dtype=expert_dtype, device="cuda",
+              prompt_tokens=prompt_tokens + chat_tokens / 2, target_tokens=target_tokens)
     preds = []
     for n in edits:
-        mb = pick_micro_batch(budget, LLAMA2_7B, n, **kw)
-        preds.append(predict_peak(LLAMA2_7B, n, micro_batch=mb, **kw))
+        per_update = 2 * min(n, update_batch)  # each edit and its chat form
+        run = dict(kw, keys=2 * n, key_subjects=n, key_rank=key_rank, cached_edits=2 * n)
+        mb = pick_micro_batch(budget, LLAMA2_7B, per_update, **run)
+        preds.append(predict_peak(LLAMA2_7B, per_update, micro_batch=mb, **run))
     head = "| term (GiB) | " + " | ".join(f"{n} edits" for n in edits) + " |"
     rows = [head, "|---|" + "---:|" * len(edits)]
     rows.append("| **micro-batch picked** | " + " | ".join(f"**{p.micro_batch}**" for p in preds) + " |")
@@ -330,8 +335,12 @@ def main(argv=None) -> int:
         val, "",
         "LLaMA-2-7B, int8 blocks (bitsandbytes), fp16 embeddings/head/hidden states, CUDA (Triton experts), E=4 "
         "bf16 experts (`MEMoEConfig(expert_dtype=\"bfloat16\")`; the CLI's default `expert_dtype=None` gives fp32 "
-        "experts on an int8 host), ZsRE-length requests (12.3 prompt + 3.2 target tokens), micro-batch picked by "
-        "`pick_micro_batch` for a 22 GiB budget. Predicted, not measured (no GPU):", "",
+        "experts on an int8 host), ZsRE-length requests (12.3 prompt + 3.2 target tokens), with the library's "
+        "defaults: each question also trained in chat form (assumed 9 tokens longer), 50 edits (100 sequences) per "
+        "optimiser update with every group's frozen prefix cached, and the key gate's store (2n keys in two fp32 "
+        "copies, a 32-direction fp32 subspace per subject); micro-batch picked by `pick_micro_batch` for a 22 GiB "
+        "budget. Predicted, not measured (no GPU); full-row activations (the defaults run only each sequence's "
+        "suffix above the edited block, so that term is an upper bound):", "",
         "    PYTHONPATH=. python benchmarks/memory_model.py --predict-only", "",
         table7b,
     ])

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import math
 import platform
 import resource
 import sys
@@ -243,6 +244,7 @@ def _memory_budget(args) -> int | None:
 
 def pick_for_budget(budget: int, model, tokenizer, requests, config, args) -> dict:
     """The micro-batch the memory model picks for ``budget``, with its predicted peak (for results.json)."""
+    from .editing.editor import chat_pair
     from .editing.memory import BackboneShape, pick_micro_batch, predict_peak
     from .metrics import encode_pair
 
@@ -251,15 +253,26 @@ def pick_for_budget(budget: int, model, tokenizer, requests, config, args) -> di
     except AttributeError as exc:
         raise ValueError(f"--memory-budget: the memory model covers LLaMA-style backbones ({exc})") from None
     pairs = [encode_pair(tokenizer, r.prompt, r.target) for r in requests]
+    # Question-shaped edits are trained a second time as a user turn in the chat template (chat_augment).
+    chat = [c[2] for c in (chat_pair(tokenizer, config, r) for r in requests) if c is not None]
+    per_edit = (len(pairs) + len(chat)) / len(pairs)
     # Sequences trained together: the batch (sequential: one batch, or all seen ones with replay), split by
-    # --update-batch, each edit with up to `negatives` same-subject prompts.
-    n = len(requests) if args.mode == "batch" or config.replay else min(args.batch_size, len(requests))
-    n = (min(n, config.update_batch) if config.update_batch > 0 else n) * (1 + config.negatives)
-    kw = dict(layer=config.layer, prompt_tokens=sum(len(p) for p, _ in pairs) / len(pairs),
-              target_tokens=sum(len(t) for _, t in pairs) / len(pairs), num_experts=config.num_experts,
+    # --update-batch, each edit with its chat form and up to `negatives` same-subject prompts.
+    batch = len(requests) if args.mode == "batch" or config.replay else min(args.batch_size, len(requests))
+    n = math.ceil((min(batch, config.update_batch) if config.update_batch > 0 else batch) * per_edit) * (1 + config.negatives)
+    seqs = pairs + chat
+    key_gate = config.key_threshold is not None
+    kw = dict(layer=config.layer, prompt_tokens=sum(len(p) for p, _ in seqs) / len(seqs),
+              target_tokens=sum(len(t) for _, t in seqs) / len(seqs), num_experts=config.num_experts,
               expert_dtype=config.expert_dtype, device=next(model.parameters()).device.type,
               prepack=not args.no_prepack,
-              gate_trains=config.aux_loss_weight > 0 or not (config.top_k == 1 and config.renormalize))
+              gate_trains=config.aux_loss_weight > 0 or not (config.top_k == 1 and config.renormalize),
+              # Keys and subspaces of every edit of the run (sequential runs keep the earlier batches').
+              keys=(sum(1 for r in requests if r.subject) + len(chat)) if key_gate else 0,
+              key_subjects=len({r.subject for r in requests if r.subject}) if key_gate else 0,
+              key_rank=min(config.key_subject_rank, shape.hidden // 4) if key_gate else 0,
+              # The frozen prefixes of every update group of a batch stay cached while it trains.
+              cached_edits=max(n, math.ceil(batch * per_edit) * (1 + config.negatives)))
     micro = pick_micro_batch(budget, shape, n, **kw)
     pred = predict_peak(shape, n, micro_batch=micro, **kw)
     return {"budget_bytes": budget, "micro_batch": micro, "predicted_peak_bytes": pred.total,

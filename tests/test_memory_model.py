@@ -106,12 +106,39 @@ def test_cpu_only_terms():
 
 
 @pytest.mark.parametrize("bad", [dict(n_edits=0), dict(micro_batch=0), dict(device="mps"), dict(layer=6),
-                                 dict(expert_dtype="int8"), dict(prompt_tokens=0)],
+                                 dict(expert_dtype="int8"), dict(prompt_tokens=0), dict(keys=-1),
+                                 dict(cached_edits=9)],
                          ids=lambda d: next(iter(d)))
 def test_bad_arguments_name_the_field(bad):
     kw = {"n_edits": 10, **bad}
     with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
         predict_peak(SMALL, **kw)
+
+
+def test_key_gate_term_is_the_bypass_key_store():
+    # The key gate's store as the bypass holds it after a run's keys and subject subspaces are added.
+    from memoe_fast.bypass import MEMoEBypass
+
+    model = _tiny_llama(False)
+    d, keys, subjects, rank = model.config.hidden_size, 7, 3, 5
+    bypass = MEMoEBypass(model.model.layers[1].mlp, MEMoEConfig(num_experts=2))
+    bypass.add_subject_basis(torch.arange(subjects), torch.linalg.qr(torch.randn(subjects, d, rank)).Q.transpose(1, 2))
+    bypass.add_keys(torch.randn(keys, d), torch.arange(keys) % subjects)
+    held = sum(t.numel() * t.element_size() for t in (bypass.keys, bypass.key_proj, bypass.key_subject,
+                                                      bypass.key_basis_idx, bypass.key_basis, bypass.basis_subject))
+    shape = BackboneShape.from_model(model)
+    with_keys = predict_peak(shape, 4, keys=keys, key_subjects=subjects, key_rank=rank)
+    assert with_keys.terms["key_gate"] == held
+    assert predict_peak(shape, 4).terms["key_gate"] == 0
+
+
+def test_every_update_groups_prefix_is_cached():
+    # 1000 edits in update groups of 100: activations of one group, the frozen prefix of all ten.
+    one = predict_peak(SMALL, 100, micro_batch=50)
+    ten = predict_peak(SMALL, 100, micro_batch=50, cached_edits=1000)
+    assert ten.terms["frozen_prefix"] == 10 * one.terms["frozen_prefix"]
+    assert {k: v for k, v in ten.terms.items() if k != "frozen_prefix"} == \
+        {k: v for k, v in one.terms.items() if k != "frozen_prefix"}
 
 
 @pytest.mark.parametrize("n", [30, 100, 1000])
@@ -169,9 +196,10 @@ def test_cli_budget_picks_the_micro_batch(tokenizer_free_requests):
     args = argparse.Namespace(mode="batch", batch_size=None, no_prepack=False)
     config = MEMoEConfig(num_experts=3, layer=1)
     shape = BackboneShape.from_model(model)
-    # The requests have 6 prompt tokens (with BOS) and 2 target tokens each.
     # The requests have 6 prompt tokens (with BOS) and 2 target tokens each; on the CPU with packed copies.
-    kw = dict(prompt_tokens=6, target_tokens=2, device="cpu", prepack=True, num_experts=3, layer=1)
+    # The default key gate keeps 6 keys and 6 subject subspaces of min(32, 64 / 4) directions.
+    kw = dict(prompt_tokens=6, target_tokens=2, device="cpu", prepack=True, num_experts=3, layer=1,
+              keys=6, key_subjects=6, key_rank=16, cached_edits=6)
     budget = predict_peak(shape, 6, micro_batch=2, **kw).total
     got = pick_for_budget(budget, model, tok, tokenizer_free_requests, config, args)
     assert got["micro_batch"] == pick_micro_batch(budget, shape, 6, **kw)
@@ -179,6 +207,28 @@ def test_cli_budget_picks_the_micro_batch(tokenizer_free_requests):
     big = pick_for_budget(64 * GiB, model, tok, tokenizer_free_requests, config, args)
     assert big["micro_batch"] == len(tokenizer_free_requests)
     json.dumps(big)  # goes into results.json
+
+
+def test_cli_budget_counts_the_chat_forms_and_the_update_groups():
+    # Questions are trained twice (as asked and as a chat turn): 12 sequences of 6 and 7 prompt tokens,
+    # 12 keys; with --update-batch 2 each update trains 4 of them and all 12 stay cached.
+    model = _tiny_llama(False, vocab_size=400)
+    tok = _ChatWordTokenizer()
+    args = argparse.Namespace(mode="batch", batch_size=None, no_prepack=False)
+    questions = [EditRequest(prompt=f"Where is tower {i} built?", target="in Paris", subject=f"tower {i}",
+                             case_id=str(i)) for i in range(6)]
+    shape = BackboneShape.from_model(model)
+    kw = dict(prompt_tokens=6.5, target_tokens=2, device="cpu", prepack=True, num_experts=3, layer=1,
+              keys=12, key_subjects=6, key_rank=16)
+    got = pick_for_budget(64 * GiB, model, tok, questions, MEMoEConfig(num_experts=3, layer=1, update_batch=0), args)
+    assert got["sequences"] == 12
+    assert got["predicted_peak_bytes"] == predict_peak(shape, 12, micro_batch=12, cached_edits=12, **kw).total
+    grouped = pick_for_budget(64 * GiB, model, tok, questions, MEMoEConfig(num_experts=3, layer=1, update_batch=2), args)
+    assert grouped["sequences"] == 4
+    assert grouped["predicted_peak_bytes"] == predict_peak(shape, 4, micro_batch=4, cached_edits=12, **kw).total
+    no_chat = pick_for_budget(64 * GiB, model, tok, questions,
+                              MEMoEConfig(num_experts=3, layer=1, update_batch=0, chat_augment=False), args)
+    assert no_chat["sequences"] == 6 and no_chat["prediction"]["terms"]["key_gate"] < got["prediction"]["terms"]["key_gate"]
 
 
 class _WordTokenizer:
@@ -213,3 +263,15 @@ def test_prediction_matches_a_measured_peak():
     predicted = predict_peak(BackboneShape(**r["shape"]), inputs.pop("n_edits"), **inputs).increase
     measured = r["increase_bytes"]
     assert abs(predicted - measured) <= MEASURED_TOLERANCE * measured, (predicted / MiB, measured / MiB, r)
+
+
+class _ChatWordTokenizer(_WordTokenizer):
+    """A word tokenizer with a chat template: a user turn is the question between two marker words."""
+
+    chat_template = "user-turn"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "<user> " + messages[0]["content"] + " <assistant>"
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return " ".join(map(str, ids))

@@ -77,6 +77,21 @@ def row_loss(logp: torch.Tensor, targets: torch.Tensor, n_edit, n_neg, negative=
     return loss + negative_weight * (ref.exp() * (ref - q)).sum() / n_neg
 
 
+def chat_pair(tokenizer, config, r) -> tuple[str, str, tuple[list[int], list[int]]] | None:
+    """``(text, subject, (prompt ids, target ids))`` of a question-shaped edit ``r`` asked as a user turn in
+    the tokenizer's chat template, the reply being the target; None without ``config.chat_augment``, a
+    chat template, or a question."""
+    if not config.chat_augment or not getattr(tokenizer, "chat_template", None) or not r.prompt.rstrip().endswith("?"):
+        return None
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    # The anchors' text is what the model's own hook sees: the ids decoded without special tokens
+    # (character offsets of the subject must refer to that text).
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return text, r.subject, (ids, tokenizer(r.target, add_special_tokens=False)["input_ids"])
+
+
 def _fused_adam_ok(params) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                for p in params)
@@ -299,16 +314,7 @@ class MEMoEEditor:
         return [pair for pair in map(self._chat_pair, requests) if pair is not None]
 
     def _chat_pair(self, r) -> tuple[str, str, tuple[list[int], list[int]]] | None:
-        tok = self.tokenizer
-        if not self.config.chat_augment or not getattr(tok, "chat_template", None) or not r.prompt.rstrip().endswith("?"):
-            return None
-        chat = tok.apply_chat_template([{"role": "user", "content": r.prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok(chat, add_special_tokens=False)["input_ids"]
-        # The anchors' text is what the model's own hook sees: the ids decoded without special tokens
-        # (character offsets of the subject must refer to that text).
-        text = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text, r.subject, (ids, tok(r.target, add_special_tokens=False)["input_ids"])
+        return chat_pair(self.tokenizer, self.config, r)
 
     def check_context(self, requests) -> None:
         """Refuse requests with a text that training or evaluation would feed beyond the model's context

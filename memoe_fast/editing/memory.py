@@ -21,6 +21,10 @@ and dequantises its weight in backward), the packed attention on the padded layo
 experts (``memoe_fast.ops.torch_path``: ``[w1; w3]`` concatenated per forward) or the Triton experts on
 CUDA. Checked against measured peaks in ``benchmarks/memory_model.py`` (table in benchmarks/RESULTS.md).
 
+The key gate's store (prompt keys and subject subspaces) and the chat-form sequences are counted when the
+caller passes them (the CLI's ``--memory-budget`` does); the activations are those of full rows, an upper
+bound for the key gate's suffix-only run above the edited block.
+
 Scope: LLaMA-style backbones (SiLU-gated MLP, rotary attention), top-1 routing, no same-subject
 negatives, no activation checkpointing.
 """
@@ -194,13 +198,16 @@ def last_block_bytes_per_token(shape: BackboneShape) -> float:
 def predict_peak(shape: BackboneShape, n_edits: int, *, layer: int | None = None, micro_batch: int = 64,
                  prompt_tokens: float = 12.0, target_tokens: float = 4.0, num_experts: int = 4,
                  expert_dtype: str | None = None, device: str = "cpu", prepack: bool | None = None,
-                 gate_trains: bool = False, padding: float = 1.1) -> MemoryPrediction:
+                 gate_trains: bool = False, padding: float = 1.1, keys: int = 0, key_subjects: int = 0,
+                 key_rank: int = 0, cached_edits: int | None = None) -> MemoryPrediction:
     """Predicted peak memory of :class:`~memoe_fast.editing.fast_editor.FastMEMoEEditor` editing ``n_edits``
     requests in one batch, in bytes (see the module docstring for the two moments compared).
 
     Args:
         shape: the backbone (:class:`BackboneShape`; ``BackboneShape.from_model(model)``).
-        n_edits: sequences trained together (edits, plus negatives if any).
+        n_edits: sequences trained together in one optimiser update (edits, their chat forms and negatives).
+        cached_edits: sequences whose frozen prefix is cached, all update groups together (the editor keeps
+            every group's for all steps; default ``n_edits``).
         layer: the edited block (default: ``layers // 2``, as :class:`~memoe_fast.config.MEMoEConfig`).
         micro_batch: sequences per forward (``FastMEMoEEditor.micro_batch``).
         prompt_tokens, target_tokens: average tokens per prompt (with BOS) and per target.
@@ -212,6 +219,10 @@ def predict_peak(shape: BackboneShape, n_edits: int, *, layer: int | None = None
             layers of the upper blocks and the LM head; ``PrepackedLinears`` skips them when memory is short).
         gate_trains: the gate is trained (top-k > 1 or a balance loss); with top-1 renormalised routing it is not.
         padding: padded over real tokens in a micro-batch's attention (sequences are sorted by length).
+        keys, key_subjects, key_rank: the key gate's store (``MEMoEConfig.key_threshold``): ``keys`` prompt
+            keys (edit prompts with a subject, plus their chat-form prompts), each kept twice in fp32 (as is,
+            and off its subject's subspace), and ``key_subjects`` subject subspaces of ``key_rank`` fp32
+            directions each (``key_subject_rank``, at most D/4). At 1000 subjects of LLaMA-2-7B, 0.5 GiB.
 
     Example::
 
@@ -223,8 +234,13 @@ def predict_peak(shape: BackboneShape, n_edits: int, *, layer: int | None = None
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if n_edits < 1 or micro_batch < 1:
         raise ValueError(f"n_edits and micro_batch must be >= 1, got {n_edits} and {micro_batch}")
+    if min(keys, key_subjects, key_rank) < 0:
+        raise ValueError(f"keys, key_subjects and key_rank must be >= 0, got {keys}, {key_subjects} and {key_rank}")
     if prompt_tokens < 1 or target_tokens < 1:
         raise ValueError(f"prompt_tokens and target_tokens must be >= 1, got {prompt_tokens} and {target_tokens}")
+    cached_edits = n_edits if cached_edits is None else cached_edits
+    if cached_edits < n_edits:
+        raise ValueError(f"cached_edits ({cached_edits}) must be >= n_edits ({n_edits}): every trained sequence is cached")
     layer = shape.layers // 2 if layer is None else layer
     if not 0 <= layer < shape.layers:
         raise ValueError(f"layer must be in [0, {shape.layers}), got {layer}")
@@ -237,7 +253,10 @@ def predict_peak(shape: BackboneShape, n_edits: int, *, layer: int | None = None
     chunks = math.ceil(n_edits / micro)
     # The editor drops each sequence's last token (it predicts nothing scored).
     seq_tokens = prompt_tokens + target_tokens - 1
-    tokens_all, tokens = n_edits * seq_tokens, micro * seq_tokens
+    tokens_all, tokens = cached_edits * seq_tokens, micro * seq_tokens
+    # Every update group is cut into micro-batches of its own.
+    groups = math.ceil(cached_edits / n_edits)
+    cached_chunks = groups * chunks
     rows = micro * target_tokens
     upper = shape.layers - layer - 1
     cpu = device == "cpu"
@@ -256,7 +275,10 @@ def predict_peak(shape: BackboneShape, n_edits: int, *, layer: int | None = None
         # Per token, for every micro-batch: the edited block's input, its host-MLP input and its output
         # without the bypass, and the rotary tables gathered per token; per micro-batch the masks.
         "frozen_prefix": int(tokens_all * (3 * d * s + 2 * shape.head_dim * s)
-                             + chunks * (tokens ** 2 + micro * (seq_tokens * padding) ** 2)),
+                             + cached_chunks * (tokens ** 2 + micro * (seq_tokens * padding) ** 2)),
+        # Per key: the unit state and its projection off the subject's subspace (fp32), the subject and
+        # basis indices (int64); per subject: its subspace (fp32) and index.
+        "key_gate": keys * (2 * d * 4 + 16) + key_subjects * (key_rank * d * 4 + 8),
         "overhead": OVERHEAD[device],
     }
     accumulated = trainable if chunks > 1 else 0  # gradients of the earlier micro-batches
