@@ -515,3 +515,18 @@ def test_a_token_running_past_the_entity_counts_as_after_it(tokenizer):
     decode = lambda part: tokenizer.decode(part, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert k < len(ids), "the question mark must leave a token for the experts"
     assert len(decode(ids[:k])) < end <= len(decode(ids[:k + 1]))
+
+
+def test_mlp_inputs_come_back_in_order_whatever_the_batching(tiny_model, tokenizer):
+    # Key and subject-subspace states are computed in length-sorted batches: each list's states must be
+    # its own, equal to running it alone (unpadded), for lists longer than one batch and out of order.
+    editor = MEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1))
+    editor.eval_batch_size = 3
+    texts = ["Tell me about the Danube, the second longest river of Europe.", "Paris", "Apple was founded by",
+             "Who is Barack Obama?", "Water boils at", "The Eiffel Tower is in the city of Paris, France.", "Hi"]
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    together = editor._mlp_inputs(encoded)
+    for ids, got in zip(encoded, together):
+        alone = editor._mlp_inputs([ids])[0]
+        assert got.shape == (len(ids), alone.shape[1])
+        torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)
