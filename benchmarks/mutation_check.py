@@ -164,6 +164,17 @@ MUTANTS = [
     Mutant("fast-editor-drops-micro-batch-share", "memoe_fast/editing/fast_editor.py",
            "loss = row_loss(logp, prefix.targets, n_edit, n_neg,",
            "loss = row_loss(logp, prefix.targets, prefix.targets.shape[0], n_neg,", EDITORS),
+    Mutant("mlp-inputs-in-sorted-order", "memoe_fast/editing/editor.py",
+           "                    out[i] = x[row, :len(ids)]",
+           "                    out[idx[row - 1]] = x[row, :len(ids)]", ["tests/test_method.py"]),
+    # memory model
+    Mutant("memory-key-gate-one-copy", "memoe_fast/editing/memory.py",
+           '"key_gate": keys * (2 * d * 4 + 16)', '"key_gate": keys * (d * 4 + 16)', ["tests/test_memory_model.py"]),
+    Mutant("memory-budget-ignores-chat-forms", "memoe_fast/cli.py",
+           "per_edit = (len(pairs) + len(chat)) / len(pairs)", "per_edit = 1", ["tests/test_memory_model.py"]),
+    Mutant("memory-prefix-of-one-group", "memoe_fast/editing/memory.py",
+           "tokens_all, tokens = cached_edits * seq_tokens, micro * seq_tokens",
+           "tokens_all, tokens = n_edits * seq_tokens, micro * seq_tokens", ["tests/test_memory_model.py"]),
     # datasets
     Mutant("zsre-rephrase-dropped", "memoe_fast/datasets.py",
            "prompt=prompt, target=target, subject=subject, rephrase=[rephrase],",
