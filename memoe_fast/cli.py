@@ -272,7 +272,7 @@ def pick_for_budget(budget: int, model, tokenizer, requests, config, args) -> di
               key_subjects=len({r.subject for r in requests if r.subject}) if key_gate else 0,
               key_rank=min(config.key_subject_rank, shape.hidden // 4) if key_gate else 0,
               # The frozen prefixes of every update group of a batch stay cached while it trains.
-              cached_edits=max(n, math.ceil(batch * per_edit) * (1 + config.negatives)))
+              cached_edits=math.ceil(batch * per_edit) * (1 + config.negatives))
     micro = pick_micro_batch(budget, shape, n, **kw)
     pred = predict_peak(shape, n, micro_batch=micro, **kw)
     return {"budget_bytes": budget, "micro_batch": micro, "predicted_peak_bytes": pred.total,

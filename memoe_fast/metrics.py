@@ -85,6 +85,13 @@ def target_logits(model, batch: Batch) -> torch.Tensor:
     return logits.gather(1, batch.pred_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices ``0..len(lengths)-1`` in batches of ``batch_size``, shortest first: batches of similar
+    length waste little on padding (callers put each result back at its index)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def predict_targets(model, tokenizer, prompts: list[str], targets: list[str], handle=None,
                     subjects: list[str | None] | None = None, batch_size: int = 32,
@@ -99,11 +106,8 @@ def predict_targets(model, tokenizer, prompts: list[str], targets: list[str], ha
     device = next(model.parameters()).device
     subjects = subjects if subjects is not None else [None] * len(prompts)
     all_pairs = [encode_pair(tokenizer, p, t) for p, t in zip(prompts, targets)]
-    # Batches of similar length waste little on padding; results come back in the input order.
-    order = sorted(range(len(all_pairs)), key=lambda i: len(all_pairs[i][0]) + len(all_pairs[i][1]))
     out: list = [None] * len(all_pairs)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in length_batches([len(p) + len(t) for p, t in all_pairs], batch_size):
         pairs = [all_pairs[i] for i in idx]
         batch = collate(pairs, tokenizer.pad_token_id, device)
         if handle is not None and handle.bypass.enabled:
@@ -202,11 +206,9 @@ def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     else:
         encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list = [None] * len(encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in length_batches(list(map(len, encoded)), batch_size):
         length = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), length), pad, dtype=torch.long)
         mask = torch.zeros(len(idx), length, dtype=torch.long)

@@ -14,8 +14,8 @@ import torch
 from ..config import MEMoEConfig
 from ..integration import MEMoEHandle, apply_memoe
 from ..metrics import (Batch, attach_expected_argmax, collate, encode_pair, evaluate, evaluate_user,
-                       greedy_continuations, locality_tokens, routing_analysis, same_subject_cases,
-                       target_logits)
+                       greedy_continuations, length_batches, locality_tokens, routing_analysis,
+                       same_subject_cases, target_logits)
 
 REF_TOPK = 32  # unedited tokens per negative position that the KL keeps
 
@@ -290,14 +290,11 @@ class MEMoEEditor:
             # set no anchors that the skipped part of the forward would have consumed.)
             raise _Captured
 
-        # Batches of similar length waste little on padding (here about a third of the work otherwise);
-        # the states come back in the input order.
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        # Length-sorted batches: padding was about a third of the work otherwise.
         out = [None] * len(encoded)
         hook = bypass.register_forward_pre_hook(grab)
         try:
-            for start in range(0, len(order), self.eval_batch_size):
-                idx = order[start:start + self.eval_batch_size]
+            for idx in length_batches(list(map(len, encoded)), self.eval_batch_size):
                 part = [encoded[i] for i in idx]
                 batch = collate([(ids, []) for ids in part], self.tokenizer.pad_token_id, self.device)
                 try:
@@ -316,10 +313,7 @@ class MEMoEEditor:
     def _chat_pairs(self, requests) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
         """``(text, subject, (prompt ids, target ids))`` of the question-shaped edits asked as a user turn
         in the chat template (``config.chat_augment``); the reply is the target."""
-        return [pair for pair in map(self._chat_pair, requests) if pair is not None]
-
-    def _chat_pair(self, r) -> tuple[str, str, tuple[list[int], list[int]]] | None:
-        return chat_pair(self.tokenizer, self.config, r)
+        return [pair for pair in (chat_pair(self.tokenizer, self.config, r) for r in requests) if pair is not None]
 
     def check_context(self, requests) -> None:
         """Refuse requests with a text that training or evaluation would feed beyond the model's context
@@ -342,7 +336,7 @@ class MEMoEEditor:
                 texts.append(prompt + " " + target.strip())  # as encode_pair tokenises it
         found = list(zip(names, map(len, self.tokenizer(texts, add_special_tokens=True)["input_ids"])))
         for w, r in zip(where, requests):  # training also asks a question in the chat template
-            chat = self._chat_pair(r)
+            chat = chat_pair(self.tokenizer, self.config, r)
             if chat is not None:
                 found.append((f"{w}: prompt in the chat template + target", len(chat[2][0]) + len(chat[2][1])))
         over = [f"{name} is {n} tokens" for name, n in found if n > context]

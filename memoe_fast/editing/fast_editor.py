@@ -38,6 +38,7 @@ import torch.utils.checkpoint
 
 from .editor import MEMoEEditor, loss_totals, row_loss
 from ..integration import transformer_blocks
+from ..metrics import length_batches
 from .packing import (Packed, attention_configs, block_at_rows, block_at_suffix, block_keys_values,  # noqa: F401
                       pack_block_inputs, packed_attention)
 from .frozen_block import FrozenBlocks, supported as frozen_block_supported
@@ -465,10 +466,8 @@ class FastMEMoEEditor(MEMoEEditor):
             # balance loss, its routing counts, so it stays.)
             lengths = lengths - 1
         lengths = lengths.tolist()
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
         chunks = []
-        for s in range(0, len(order), self.micro_batch):
-            idx = order[s:s + self.micro_batch]
+        for idx in length_batches(lengths, self.micro_batch):
             sub = _select(batch, idx, [lengths[i] for i in idx])
             ps, ss = [prompts[i] for i in idx], [subjects[i] for i in idx]
             prefix = self._frozen_prefix(sub)
