@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memoe_fast.ops.cpu_allocator import keep_freed_cpu_memory
 from memoe_fast.ops import moe_bypass
 from memoe_fast.ops.reference import load_balance_loss
 from memoe_fast.ops.torch_path import gate_topk_torch
@@ -216,7 +217,9 @@ def interleaved_medians(steps: dict, rounds: int) -> dict:
 
 
 def test_interleaved_editing_layer(benchmark, bench_ratios):
-    """The bypass layer at an editing-sized call (110 tokens): torch vs the plain per-expert loop."""
+    """The bypass layer at an editing-sized call (110 tokens): torch vs the plain per-expert loop, in a
+    process with the CPU allocator setting the editors train with (both providers alike)."""
+    allocator = keep_freed_cpu_memory()
     steps = {p: make_layer_step(p, **EDIT_SHAPE) for p in EDIT_PROVIDERS}
     med = {}
 
@@ -229,7 +232,7 @@ def test_interleaved_editing_layer(benchmark, bench_ratios):
     for p, v in med.items():
         group[p] = v * 1e3
     benchmark.extra_info.update(median_ms={p: v * 1e3 for p, v in med.items()}, torch_over_loop=med["torch"] / med["loop"],
-                                loadavg_1min=round(os.getloadavg()[0], 2))
+                                allocator=allocator[1], loadavg_1min=round(os.getloadavg()[0], 2))
     print("\n" + format_layer_table(med, EDIT_SHAPE))
 
 
@@ -252,7 +255,11 @@ if __name__ == "__main__":
     ap.add_argument("--providers", nargs="+", default=list(EDIT_PROVIDERS), choices=EDIT_PROVIDERS)
     ap.add_argument("--hidden", type=int, default=EDIT_SHAPE["hidden"])
     ap.add_argument("--ffn", type=int, default=EDIT_SHAPE["ffn"])
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc's thresholds alone (the editors raise them while training on the CPU)")
     a = ap.parse_args()
+    if not a.default_allocator:
+        print("allocator:", keep_freed_cpu_memory()[1])
     if a.threads:
         torch.set_num_threads(a.threads)
     for t in a.tokens:

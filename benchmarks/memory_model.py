@@ -16,7 +16,8 @@ high-water mark ``VmHWM`` (reset to the baseline through ``/proc/self/clear_refs
 it counts file-backed pages (the shared libraries' code), which a loaded machine evicts and reloads
 during a long run, so it can drift by hundreds of MiB either way. glibc's malloc is pinned to mmap
 every allocation of 64 KiB or more (``MALLOC_MMAP_THRESHOLD_``): freed tensors then leave the resident
-set at once, so it tracks the live tensors instead of the heap's history. The torch profiler's memory
+set at once, so it tracks the live tensors instead of the heap's history (the editors' own allocator
+setting, :mod:`memoe_fast.ops.cpu_allocator`, is turned off for the same reason). The torch profiler's memory
 events were not used: they record every allocation of a run and change the timing of what they watch.
 """
 from __future__ import annotations
@@ -228,7 +229,7 @@ def predict(r: dict) -> dict:
 
 
 def measure_in_subprocess(spec: dict, timeout: float = 1800) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MEMOE_FAST_KEEP_FREED": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)

@@ -309,3 +309,32 @@ def test_activation_checkpointing_computes_the_same_steps(tiny_model, tokenizer,
         editor.handle.remove()
     assert prefix.fused is None, "checkpointing runs the blocks as modules (no one-node blocks)"
     assert_same_training("fast, checkpoint=True", fast, ref)
+
+
+def _plan(editor, requests) -> dict:
+    try:
+        editor.train(requests)
+        return {k: d["taken"] for k, d in editor.plan.to_dict().items()}
+    finally:
+        editor.handle.remove()
+
+
+def test_edit_plan_on_smollm2_takes_every_shortcut_that_holds(embedded):
+    model, tok = embedded
+    taken = _plan(FastMEMoEEditor(model, tok, MEMoEConfig(steps=1)), load_demo()[:8])
+    assert taken == {"cpu_allocator_keeps_freed": True, "packed_rows": True, "packed_attention": True,
+                     "cached_edited_block": True, "last_block_at_rows": True, "one_node_blocks": True,
+                     # the default key span switches the experts on for the whole of a matched input
+                     "suffix_only": False, "prepacked_weights": True}
+    causal = MEMoEConfig(steps=1, key_span="after_match", bypass_positions="after_subject")
+    assert _plan(FastMEMoEEditor(model, tok, causal), load_demo()[:8])["suffix_only"]
+
+
+@pytest.mark.parametrize("tiny_model", ["gpt2"], indirect=True)
+def test_edit_plan_on_gpt2_skips_the_llama_only_shortcuts(tiny_model, tokenizer):
+    plan = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=1))
+    taken = _plan(plan, TINY_REQUESTS)
+    assert taken == {"cpu_allocator_keeps_freed": True, "packed_rows": True, "packed_attention": True,
+                     "cached_edited_block": True, "last_block_at_rows": False, "one_node_blocks": False,
+                     "suffix_only": False, "prepacked_weights": True}
+    assert "not a LLaMA-style block" in plan.plan.decisions["last_block_at_rows"].reason

@@ -99,10 +99,12 @@ def test_cpu_only_terms():
     upper = SMALL.layers - SMALL.layers // 2 - 1
     d, f, kv = SMALL.hidden, SMALL.ffn, SMALL.kv_dim
     assert cpu.terms["prepacked_weights"] == 4 * (upper * (2 * d * d + 2 * d * kv + 3 * d * f) + SMALL.vocab * d)
-    # The grouped CPU experts keep [w1; w3] for backward: 2/3 of the experts' bytes more than Triton's.
+    # The grouped CPU experts save what the Triton ones save and write each weight gradient once (no
+    # concatenated [gate; up] copy), so the bypass's terms do not depend on the device.
+    for phase in ("head backward", "bypass backward"):
+        assert cpu.phases[phase]["bypass_activations"] == cuda.phases[phase]["bypass_activations"]
     e_bytes = 4 * 3 * d * f * 4
-    assert (cpu.phases["head backward"]["bypass_activations"] - cuda.phases["head backward"]["bypass_activations"]
-            == e_bytes * 2 // 3)
+    assert cpu.phases["bypass backward"]["gradients"] == cuda.phases["bypass backward"]["gradients"] >= e_bytes
 
 
 @pytest.mark.parametrize("bad", [dict(n_edits=0), dict(micro_batch=0), dict(device="mps"), dict(layer=6),

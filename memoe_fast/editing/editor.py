@@ -13,6 +13,7 @@ import torch
 
 from ..config import MEMoEConfig
 from ..integration import MEMoEHandle, apply_memoe
+from ..ops.cpu_allocator import keep_freed_cpu_memory
 from ..metrics import (Batch, attach_expected_argmax, collate, encode_pair, evaluate, evaluate_user,
                        greedy_continuations, length_batches, locality_tokens, routing_analysis,
                        same_subject_cases, target_logits)
@@ -124,6 +125,7 @@ class MEMoEEditor:
         self.user_metrics_max = user_metrics_max  # requests the user-facing metrics are measured on (a sample)
         self.device = next(model.parameters()).device
         self.history: list[dict] = []
+        self.allocator: tuple[bool, str] | None = None  # the CPU allocator setting training applied
 
     # Hooks the fast editor overrides: backward_step, prepare, finish, eval_logits_fn.
     def backward_step(self, batch, prompts, subjects) -> float:
@@ -351,6 +353,8 @@ class MEMoEEditor:
         negatives = self.negatives(requests)
         self.handle.add_subjects([r.subject for r in requests], owner)
         self.add_prompt_keys(requests)
+        if self.device.type == "cpu":
+            self.allocator = keep_freed_cpu_memory()  # every step reallocates the same weight gradients
         self.prepare(requests)
         batches = self._training_batches(requests, negatives)
         params = self.handle.parameters()

@@ -437,6 +437,8 @@ class FastMEMoEEditor(MEMoEEditor):
     def prepare(self, requests) -> None:
         self._prefix = {}
         self.plan = EditPlan()
+        if self.allocator is not None:
+            self.plan.record("cpu_allocator_keeps_freed", *self.allocator)
         if self.prepack and self._prepacked is None:
             self._prepacked = PrepackedLinears([*self.blocks[self.handle.layer + 1:], self.model.get_output_embeddings()])
 

@@ -18,8 +18,8 @@ What a tensor costs follows the code it models: the one-node upper blocks
 (``memoe_fast.editing.frozen_block``) on the CPU in fp32, transformers' LLaMA blocks through autograd
 elsewhere (a frozen ``nn.Linear`` saves nothing for backward, a bitsandbytes int8 linear saves its input
 and dequantises its weight in backward), the packed attention on the padded layout, the grouped CPU
-experts (``memoe_fast.ops.torch_path``: ``[w1; w3]`` concatenated per forward) or the Triton experts on
-CUDA. Checked against measured peaks in ``benchmarks/memory_model.py`` (table in benchmarks/RESULTS.md).
+experts (``memoe_fast.ops.torch_path``) or the Triton experts on CUDA (both save the same tensors and write
+each weight gradient once). Checked against measured peaks in ``benchmarks/memory_model.py`` (table in benchmarks/RESULTS.md).
 
 The key gate's store (prompt keys and subject subspaces) and the chat-form sequences are counted when the
 caller passes them (the CLI's ``--memory-budget`` does); the activations are those of full rows, an upper
@@ -283,9 +283,8 @@ def predict_peak(shape: BackboneShape, n_edits: int, *, layer: int | None = None
     }
     accumulated = trainable if chunks > 1 else 0  # gradients of the earlier micro-batches
     # The bypass's saved tensors for one micro-batch: the grouped token copy, [h, u], act(h), act*u, the
-    # expert output (expert dtype), the gate's fp32 input; on the CPU also [w1; w3] concatenated.
+    # expert output (expert dtype), the gate's fp32 input.
     bypass_act = tokens * ((2 * d + 4 * f) * se + 4 * d)
-    weight_copy = num_experts * 2 * d * f * se if cpu else 0
     if upper == 0:
         upper_act = 0.0
     else:
@@ -297,16 +296,16 @@ def predict_peak(shape: BackboneShape, n_edits: int, *, layer: int | None = None
     head = rows * v * (3 * 4 + (0 if s == 4 else s)) + rows * d * 4
     head_bwd = {
         "gradients": accumulated,
-        "bypass_activations": int(bypass_act + weight_copy),
+        "bypass_activations": int(bypass_act),
         "upper_block_activations": int(upper_act),
         "int8_dequantised_weight": dequant,
         "lm_head_at_targets": int(head),
     }
-    # New gradient buffers (the CPU path writes [w1; w3] and w2, then copies the two halves into .grad).
-    new_grads = trainable if accumulated or not cpu else int(trainable * 5 / 3) - weight_copy
+    # New gradient buffers, one per trainable tensor (accumulated into the earlier micro-batches' ones).
+    new_grads = trainable
     bypass_bwd = {
         "gradients": accumulated + new_grads,
-        "bypass_activations": int(bypass_act + weight_copy),
+        "bypass_activations": int(bypass_act),
         "upper_block_activations": 0,
         "int8_dequantised_weight": 0,
         "lm_head_at_targets": 0,
