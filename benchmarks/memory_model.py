@@ -228,6 +228,20 @@ def predict(r: dict) -> dict:
     return predict_peak(BackboneShape(**r["shape"]), inputs.pop("n_edits"), **inputs).to_dict()
 
 
+def _machine() -> str:
+    """The CPU model, core count and date, for the validation table."""
+    import datetime
+    import platform
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} logical cores, {datetime.date.today().isoformat()}"
+
+
 def measure_in_subprocess(spec: dict, timeout: float = 1800) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MEMOE_FAST_KEEP_FREED": "0", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -333,7 +347,7 @@ def main(argv=None) -> int:
         "to mmap (`MALLOC_MMAP_THRESHOLD_=65536`); the model predicts the increase over the loaded model (the weights "
         "are compared to the RSS the load added). Error = (predicted - measured) / measured.", "",
         "    nice -n 19 env OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/memory_model.py", "",
-        val, "",
+        val, "", f"Machine: {_machine()}.", "",
         "LLaMA-2-7B, int8 blocks (bitsandbytes), fp16 embeddings/head/hidden states, CUDA (Triton experts), E=4 "
         "bf16 experts (`MEMoEConfig(expert_dtype=\"bfloat16\")`; the CLI's default `expert_dtype=None` gives fp32 "
         "experts on an int8 host), ZsRE-length requests (12.3 prompt + 3.2 target tokens), with the library's "
