@@ -176,6 +176,10 @@ MUTANTS = [
            "tokens_all, tokens = cached_edits * seq_tokens, micro * seq_tokens",
            "tokens_all, tokens = n_edits * seq_tokens, micro * seq_tokens", ["tests/test_memory_model.py"]),
     # datasets
+    Mutant("allocator-mmap-threshold-not-raised", "memoe_fast/ops/cpu_allocator.py",
+           "mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1 or ", "", ["tests/test_cpu_allocator.py"]),
+    Mutant("plan-omits-the-allocator", "memoe_fast/editing/fast_editor.py",
+           'self.plan.record("cpu_allocator_keeps_freed", *self.allocator)', "pass", ["tests/test_editor.py"]),
     Mutant("zsre-rephrase-dropped", "memoe_fast/datasets.py",
            "prompt=prompt, target=target, subject=subject, rephrase=[rephrase],",
            "prompt=prompt, target=target, subject=subject, rephrase=[],", DATASETS),
