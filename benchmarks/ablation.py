@@ -42,6 +42,8 @@ ROWS = {
     "rank-16": {"key_subject_rank": 16, "key_threshold": 0.5},
     "key-0.40": {"key_threshold": 0.40},
     "key-0.50": {"key_threshold": 0.50},
+    "key-0.25": {"key_threshold": 0.25},
+    "key-0.175": {"key_threshold": 0.175},
     "snap-best": {"key_snap_tokens": "best"},
     "plain-cosine-0.80": {"key_subject_rank": 0, "key_threshold": 0.80},
     "plain-cosine-0.85": {"key_subject_rank": 0, "key_threshold": 0.85},
