@@ -19,11 +19,11 @@ TINY_REQUESTS = [
 ]
 
 
-def _losses(model, tokenizer, editor_cls, impl="reference", steps=4, layer=2, **kw):
+def _losses(model, tokenizer, editor_cls, impl="reference", steps=4, layer=2, requests=TINY_REQUESTS, **kw):
     cfg = MEMoEConfig(layer=layer, steps=steps, lr=1e-2, impl=impl, gate_noise=0.0, **kw)
     editor = editor_cls(model, tokenizer, cfg)
     try:
-        return editor.train(TINY_REQUESTS)
+        return editor.train(requests)
     finally:
         editor.handle.remove()
 
@@ -338,3 +338,20 @@ def test_edit_plan_on_gpt2_skips_the_llama_only_shortcuts(tiny_model, tokenizer)
                      "cached_edited_block": True, "last_block_at_rows": False, "one_node_blocks": False,
                      "suffix_only": False, "prepacked_weights": True}
     assert "not a LLaMA-style block" in plan.plan.decisions["last_block_at_rows"].reason
+
+
+@pytest.mark.parametrize("tiny_model", ["llama"], indirect=True)  # GPT-2 passes its mask positionally: not packed
+def test_a_batch_without_padding_is_packed_and_trains_like_the_reference(tiny_model, tokenizer):
+    """One edit (or edits of equal length) has no padding, and the model then passes no attention mask;
+    the fast editor still packs it (making the causal mask itself), so its shortcuts run, and trains
+    the same steps as the reference."""
+    single = TINY_REQUESTS[:1]
+    ref = _losses(tiny_model, tokenizer, MEMoEEditor, layer=1, requests=single)
+    cfg = MEMoEConfig(layer=1, steps=4, lr=1e-2, impl="reference", gate_noise=0.0)
+    editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+    try:
+        fast = editor.train(single)
+        assert editor.plan.decisions["packed_rows"].taken and editor.plan.decisions["packed_attention"].taken
+    finally:
+        editor.handle.remove()
+    assert_same_training("fast, one unpadded sequence", fast, ref)

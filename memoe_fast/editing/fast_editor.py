@@ -185,7 +185,7 @@ class FastMEMoEEditor(MEMoEEditor):
         if self.pack:
             args, kwargs, packed = pack_block_inputs(*self._capture(sub, 0), sub)
             plan.record("packed_rows", packed is not None,
-                        "one row of real tokens" if packed is not None else "no padding or no attention mask to rebuild")
+                        "one row of real tokens" if packed is not None else "no attention mask to rebuild")
         else:
             plan.record("packed_rows", False, "pack=False")
         if packed is None:

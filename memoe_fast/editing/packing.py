@@ -37,14 +37,16 @@ def pack_block_inputs(args: tuple, kwargs: dict, batch):
 
     Tensors laid out ``(B, L, ...)`` keep their real tokens (``(1, N, ...)``); position tensors laid out
     ``(1, L, ...)`` (rotary tables, position ids) are gathered at each token's own position; the 4-D
-    attention mask becomes block-diagonal causal. Returns the inputs unchanged (and ``None``) when the
-    batch has no padding or no attention mask to rebuild: then packing saves nothing.
+    attention mask becomes block-diagonal causal. A batch without padding is packed too (it saves no
+    padding, but the packed row is what the step's shortcuts run on: the last block at the target rows,
+    one-node upper blocks): where the model passed no mask (its attention is causal by itself), the
+    block-diagonal one is made here. Returns the inputs unchanged (and ``None``) when a padded batch
+    has no attention mask to rebuild.
     """
     mask = batch.attention_mask.bool()
     n_seq, length = mask.shape
     lengths = mask.sum(1)
-    if bool((lengths == length).all()):
-        return args, kwargs, None
+    unpadded = bool((lengths == length).all())
     device = batch.input_ids.device
     rows, pos = mask.nonzero(as_tuple=True)  # row-major: sequence by sequence, positions in order
     n = rows.numel()
@@ -73,7 +75,13 @@ def pack_block_inputs(args: tuple, kwargs: dict, batch):
     new_args = tuple(convert(a) for a in args)
     new_kwargs = {k: convert(v) for k, v in kwargs.items()}
     if not found_mask:
-        return args, kwargs, None
+        hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if not (unpadded and "attention_mask" in kwargs and kwargs["attention_mask"] is None and hidden is not None
+                and hidden.is_floating_point()):
+            return args, kwargs, None
+        # No padding, so the model let attention be causal by itself: the packed row needs the mask.
+        new_kwargs["attention_mask"] = torch.zeros(1, 1, n, n, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~block_mask, torch.finfo(hidden.dtype).min)
     starts = torch.cumsum(lengths, 0) - lengths
     pred_abs = (starts.unsqueeze(1) + batch.pred_pos).clamp(max=n - 1)
     ar = torch.arange(length, device=device)
