@@ -78,6 +78,51 @@ def test_fast_editor_losses_do_not_depend_on_prepacking(tiny_model, tokenizer):
         finally:
             editor.handle.remove()
         active[prepack] = all(seen)
-        assert editor._prepacked is None, "the packed copies are freed after training"
+        assert (editor._prepacked is not None) == prepack, "the packed copies are kept for the next call"
+        editor.release()
+        assert editor._prepacked is None
     assert active == {False: False, True: True}
     assert_same_training("prepacked", losses[True], losses[False])
+
+
+def test_packed_copies_are_reused_until_a_weight_changes():
+    net = _frozen_mlp()
+    packed = PrepackedLinears([net])
+    assert packed.active and packed.current()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)  # in place: the copy is stale
+    assert not packed.current()
+    fresh = PrepackedLinears([net])
+    with fresh():
+        got = net(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, _plain(net, x), rtol=1e-4, atol=1e-5)
+    net[2].weight = nn.Parameter(net[2].weight.detach().clone(), requires_grad=False)  # replaced
+    assert not fresh.current()
+
+
+def _plain(net, x):
+    return net[2](torch.nn.functional.silu(net[0](x)))
+
+
+def test_the_fast_editor_packs_once_across_calls_and_again_after_a_change(tiny_model, tokenizer):
+    from memoe_fast import MEMoEConfig
+    from memoe_fast.datasets import EditRequest
+    from memoe_fast.editing.fast_editor import FastMEMoEEditor
+
+    editor = FastMEMoEEditor(tiny_model, tokenizer, MEMoEConfig(layer=1, steps=1, impl="torch"))
+    edit = [EditRequest("The capital of France is", "Rome", "France", [], "Water boils at", "100 degrees")]
+    try:
+        editor.train(edit)
+        first = editor._prepacked
+        assert first is not None and first.active
+        editor.train(edit)
+        assert editor._prepacked is first, "an unchanged backbone is not packed again"
+        lin = next(iter(first.packed))
+        with torch.no_grad():
+            lin.weight.add_(1e-3)
+        editor.train(edit)
+        assert editor._prepacked is not first, "a changed weight must be packed again"
+    finally:
+        editor.handle.remove()

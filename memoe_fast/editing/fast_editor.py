@@ -21,7 +21,7 @@
 * No graph below the edited block and no weight gradients for frozen parameters; optional activation
   checkpointing of the upper blocks for long batches.
 * On the CPU, the upper blocks' frozen linears and the LM head run with weights packed once for
-  oneDNN (``memoe_fast.editing.prepack``; one copy, held while training).
+  oneDNN (``memoe_fast.editing.prepack``; one copy, kept for the next call; :meth:`FastMEMoEEditor.release` frees it).
 * Anchors and tokenisation computed once per text.
 
 It computes the same function as :class:`~memoe_fast.editing.editor.MEMoEEditor` (tests compare the losses step
@@ -134,8 +134,10 @@ class FastMEMoEEditor(MEMoEEditor):
         pack: run each micro-batch as one packed row of its real tokens (no padding), with a
             block-diagonal causal mask, instead of a padded ``(B, L)`` batch.
         prepack: on the CPU, run the upper blocks' frozen fp32 linears and the LM head with weights packed
-            once for oneDNN (see :mod:`memoe_fast.editing.prepack`; one packed copy of those weights, held while
-            training: ~310 MiB for SmolLM2-135M).
+            once for oneDNN (see :mod:`memoe_fast.editing.prepack`; one packed copy of those weights:
+            ~310 MiB for SmolLM2-135M, ~1 s to make). The copy is kept for the editor's next call (one
+            edit at a time would otherwise pay for it every call), remade if a weight changed, and freed
+            by :meth:`release`.
     """
 
     def __init__(self, *args, checkpoint: bool = False, micro_batch: int = 64, pack: bool = True,
@@ -439,16 +441,21 @@ class FastMEMoEEditor(MEMoEEditor):
         self.plan = EditPlan()
         if self.allocator is not None:
             self.plan.record("cpu_allocator_keeps_freed", *self.allocator)
+        if self._prepacked is not None and not self._prepacked.current():
+            self._prepacked = None  # a packed weight changed since the last call: pack again
         if self.prepack and self._prepacked is None:
             self._prepacked = PrepackedLinears([*self.blocks[self.handle.layer + 1:], self.model.get_output_embeddings()])
 
     def finish(self) -> None:
-        # The cached states and the packed weights are freed after training.
+        # The cached states are freed after training; the packed weights are kept for the next call.
         self.prepacked_last = self._prepacked is not None and self._prepacked.active
         self.plan.record("prepacked_weights", self.prepacked_last,
                          "oneDNN packed copies of the upper blocks' linears" if self.prepacked_last else
                          "prepack=False" if not self.prepack else "not applicable (not CPU fp32, no oneDNN ops, or over the memory cap)")
         self._prefix = {}
+
+    def release(self) -> None:
+        """Free the packed weight copies kept between calls (the next call packs again)."""
         self._prepacked = None
 
     def _linears(self):

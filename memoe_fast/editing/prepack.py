@@ -79,6 +79,7 @@ class PrepackedLinears:
 
     def __init__(self, modules, max_fraction: float = 0.25):
         self.packed: dict[nn.Linear, torch.Tensor] = {}
+        self._made_from: dict[nn.Linear, tuple] = {}
         if not prepack_available():
             return
         linears = [m for root in modules for m in root.modules() if packable(m)]
@@ -93,6 +94,12 @@ class PrepackedLinears:
             return
         if linears and not self._agrees(linears[0]):
             self.packed = {}
+        # What each copy was made from: a weight replaced, moved or changed in place makes the copies stale.
+        self._made_from = {lin: _identity(lin) for lin in self.packed}
+
+    def current(self) -> bool:
+        """Whether every packed copy still matches its linear's weight (nothing replaced or changed in place)."""
+        return all(_identity(lin) == made for lin, made in self._made_from.items())
 
     def _agrees(self, lin: nn.Linear) -> bool:
         gen = torch.Generator().manual_seed(0)
@@ -118,6 +125,11 @@ class PrepackedLinears:
         finally:
             for lin in self.packed:
                 lin.__dict__.pop("forward", None)
+
+
+def _identity(lin: nn.Linear) -> tuple:
+    w, b = lin.weight, lin.bias
+    return (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version), packable(lin))
 
 
 def _bind(lin: nn.Linear, packed: torch.Tensor):
