@@ -165,6 +165,7 @@ class MEMoEBypass(nn.Module):
         self._pending: AnchorSet | None = None
         self.last_anchors: AnchorSet | None = None  # what the last forward with the experts on used
         self.frozen_experts = 0  # experts [0, frozen_experts) get no gradient (lifelong editing)
+        self.owned_experts = 0  # experts [0, owned_experts) each hold one sequential batch's edits
         # Prompt keys (config.key_threshold): unit-norm host-MLP inputs at the edit prompts' last tokens,
         # and the subject (index into the anchor bank's subjects) each belongs to.
         self.register_buffer("keys", torch.zeros(0, self.hidden_size), persistent=False)

@@ -255,6 +255,7 @@ class MEMoEHandle:
             "subjects": list(self.bank.subjects) if self.bank else [],
             "subject_owners": self.bank._owner.tolist() if self.bank else [],
             "num_experts": self.bypass.num_experts,
+            "owned_experts": self.bypass.owned_experts,
             "backbone": backbone_info(self.model),
             "host_fingerprint": host_fingerprint(self.original),
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
@@ -325,6 +326,8 @@ class MEMoEHandle:
             for name, p in params.items():
                 p.copy_(tensors[name])
         owners = meta.get("subject_owners") or [-1] * len(meta.get("subjects", []))
+        # Experts that hold a sequential batch each; the next batch gets a fresh one (older saves: the owners).
+        self.bypass.owned_experts = int(meta.get("owned_experts", max([-1, *owners]) + 1))
         for owner in dict.fromkeys(owners):  # one call per owner: the subject pattern is rebuilt per call
             self.add_subjects([s for s, o in zip(meta.get("subjects", []), owners) if o == owner], int(owner))
         self.edited_requests.extend(meta.get("requests", []))

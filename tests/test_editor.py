@@ -355,3 +355,32 @@ def test_a_batch_without_padding_is_packed_and_trains_like_the_reference(tiny_mo
     finally:
         editor.handle.remove()
     assert_same_training("fast, one unpadded sequence", fast, ref)
+
+
+def test_a_later_sequential_call_takes_new_experts_and_leaves_earlier_ones(tiny_model, tokenizer, tmp_path):
+    """Lifelong editing over several calls: each call's batches get experts after the ones earlier calls'
+    batches hold, so nothing an earlier call trained is retrained (before, a second call started again
+    at expert 0 and overwrote the first call's first batch)."""
+    cfg = MEMoEConfig(layer=1, steps=2, lr=1e-2, impl="torch", gate_noise=0.0)
+    editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+    bypass = editor.handle.bypass
+    try:
+        editor.edit(TINY_REQUESTS[:2], mode="sequential", batch_size=1, evaluate=False)
+        assert bypass.owned_experts == 2
+        held = bypass.w2.detach()[:2].clone()
+        assert held.abs().amax(dim=(1, 2)).gt(0).all(), "each batch trained its own expert"
+        editor.edit(TINY_REQUESTS[2:], mode="sequential", batch_size=1, evaluate=False)
+        assert bypass.owned_experts == 3
+        assert torch.equal(bypass.w2.detach()[:2], held), "a later call must not retrain an earlier call's experts"
+        assert bypass.w2.detach()[2].abs().max() > 0
+        editor.handle.save(str(tmp_path / "edits"))
+    finally:
+        editor.handle.remove()
+    from memoe_fast.integration import apply_memoe
+
+    again = apply_memoe(tiny_model, cfg, tokenizer)
+    try:
+        again.load_weights(str(tmp_path / "edits"))
+        assert again.bypass.owned_experts == 3, "a loaded edit continues after the experts it holds"
+    finally:
+        again.remove()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 
 import torch
 
@@ -418,6 +419,12 @@ class MEMoEEditor:
             requests = requests_from_dicts(list(requests))
         if mode == "sequential" and (batch_size is None or batch_size < 1):
             raise ValueError("sequential editing needs batch_size >= 1")
+        if mode == "batch" and not self.config.replay and self.handle.bank is not None and self.handle.bank.subjects:
+            warnings.warn(
+                "edit(mode='batch') on a model that already holds edits: this call trains the experts those edits "
+                "share on the new requests alone, so earlier edits can be overwritten (10 facts edited one batch "
+                "call at a time kept Reliability 0.45). Edit them in one call, or use mode='sequential' (each "
+                "batch gets an expert of its own) for edits that arrive over time.", stacklevel=2)
         self.check_context(requests)
         torch.manual_seed(self.config.seed)
         timings: dict[str, float] = {}
@@ -451,17 +458,21 @@ class MEMoEEditor:
                 continue
             tb = time.perf_counter()
             owner = -1
+            bypass = self.handle.bypass
             if per_batch_experts:
                 # Each batch gets an expert of its own, routed by its subjects' keys; the earlier ones freeze.
-                bypass = self.handle.bypass
-                if b >= bypass.num_experts:
-                    bypass.add_experts(b + 1 - bypass.num_experts)
-                bypass.freeze_experts(b)
-                owner = b
+                # The count carries over calls (and saves): a later call's batches never retrain an expert
+                # that an earlier call's batch holds.
+                owner = bypass.owned_experts
+                if owner >= bypass.num_experts:
+                    bypass.add_experts(owner + 1 - bypass.num_experts)
+                bypass.freeze_experts(owner)
             # With replay, each batch trains together with the edits before it, so that a later batch
             # cannot overwrite an expert that an earlier edit relies on.
             seen = [r for c in batches[:b] for r in c] if self.config.replay else []
             losses.append(self.train(seen + chunk, desc=f"batch {b + 1}/{len(batches)}", owner=owner))
+            if per_batch_experts:
+                bypass.owned_experts = owner + 1
             entry = {"batch": b, "n": len(chunk), "train_s": time.perf_counter() - tb}
             if mode == "sequential" and evaluate:
                 offset = sum(len(c) for c in batches[:b])
