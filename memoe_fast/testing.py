@@ -1,6 +1,8 @@
 """Helpers shared by the tests and benchmarks: one device helper, tolerances, a named assert_close."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import torch
@@ -59,6 +61,19 @@ def shared_data_path(name: str) -> str | None:
     """Path of a file in ``../shared/data`` beside the checkout, or None when absent."""
     path = os.path.join(shared_data_dir(), name)
     return path if os.path.exists(path) else None
+
+
+@contextlib.contextmanager
+def reloaded(model, config, tokenizer, path: str):
+    """A fresh MEMoE handle on ``model`` with the edit saved at ``path`` loaded; removed on exit."""
+    from .integration import apply_memoe
+
+    handle = apply_memoe(model, config, tokenizer)
+    try:
+        handle.load_weights(path)
+        yield handle
+    finally:
+        handle.remove()
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:

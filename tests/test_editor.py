@@ -7,7 +7,7 @@ from memoe_fast.datasets import EditRequest, load_demo
 from memoe_fast.editing.editor import MEMoEEditor
 from memoe_fast.editing.fast_editor import FastMEMoEEditor
 from memoe_fast.integration import transformer_blocks
-from memoe_fast.testing import assert_same_training, require_module
+from memoe_fast.testing import assert_same_training, reloaded, require_module
 
 TINY_REQUESTS = [
     EditRequest("The capital of France is", "Rome", "France", ["France's capital city is"],
@@ -376,11 +376,5 @@ def test_a_later_sequential_call_takes_new_experts_and_leaves_earlier_ones(tiny_
         editor.handle.save(str(tmp_path / "edits"))
     finally:
         editor.handle.remove()
-    from memoe_fast.integration import apply_memoe
-
-    again = apply_memoe(tiny_model, cfg, tokenizer)
-    try:
-        again.load_weights(str(tmp_path / "edits"))
+    with reloaded(tiny_model, cfg, tokenizer, str(tmp_path / "edits")) as again:
         assert again.bypass.owned_experts == 3, "a loaded edit continues after the experts it holds"
-    finally:
-        again.remove()

@@ -10,6 +10,7 @@ from memoe_fast.anchors import SubjectMatcher, first_token_after
 from memoe_fast.datasets import EditRequest
 from memoe_fast.editing.editor import MEMoEEditor, row_loss
 from memoe_fast.editing.fast_editor import FastMEMoEEditor
+from memoe_fast.testing import reloaded
 
 REQUESTS = [
     EditRequest("The capital of France is", "Rome", "France", ["France's capital city is"],
@@ -479,9 +480,7 @@ def test_key_gate_edits_are_kept_through_save_and_load(tiny_model, tokenizer, tm
         editor.handle.save(str(tmp_path / "e"))
     finally:
         editor.handle.remove()
-    handle = apply_memoe(tiny_model, cfg, tokenizer)
-    try:
-        handle.load_weights(str(tmp_path / "e"))
+    with reloaded(tiny_model, cfg, tokenizer, str(tmp_path / "e")) as handle:
         with torch.no_grad():
             torch.testing.assert_close(tiny_model(**enc).logits, edited, rtol=0, atol=0)
         # The subject subspaces come back with the keys (they decide what the gate compares).
@@ -489,8 +488,6 @@ def test_key_gate_edits_are_kept_through_save_and_load(tiny_model, tokenizer, tm
         for name in ("keys", "key_basis", "key_proj", "key_basis_idx"):
             torch.testing.assert_close(getattr(handle.bypass, name), saved_gate[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
         assert handle.bypass.key_basis.shape[:2] == (2, min(cfg.key_subject_rank, handle.bypass.hidden_size // 4))
-    finally:
-        handle.remove()
 
 
 def test_edit_takes_easyedit_request_dicts(tiny_model, tokenizer):
