@@ -170,6 +170,10 @@ class MEMoEBypass(nn.Module):
         # and the subject (index into the anchor bank's subjects) each belongs to.
         self.register_buffer("keys", torch.zeros(0, self.hidden_size), persistent=False)
         self.register_buffer("key_subject", torch.zeros(0, dtype=torch.long), persistent=False)
+        # The expert each key's edit was trained into (lifelong editing; -1: the gate decides). A matched
+        # input goes to its key's expert, so a subject edited again in a later batch keeps its older facts.
+        self.register_buffer("key_owner", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.last_key_route: torch.Tensor | None = None
         # Subject subspaces (config.key_subject_rank): per edited subject, an orthonormal (r, D) basis of
         # the directions its other prompts share (:meth:`add_subject_basis`). A key of a subject with a
         # basis is compared with inputs after both lose those directions: what is left is the question
@@ -267,10 +271,11 @@ class MEMoEBypass(nn.Module):
                                     basis[new.to(basis.device)].detach().float().to(self.keys.device)])
         self.basis_subject = torch.cat([self.basis_subject, subjects[new]])
 
-    def add_keys(self, states: torch.Tensor, subjects: torch.Tensor) -> None:
+    def add_keys(self, states: torch.Tensor, subjects: torch.Tensor, owners: torch.Tensor | None = None) -> None:
         """Remember prompt keys: ``states`` ``(K, D)`` host-MLP inputs at edit prompts' last tokens and
         ``subjects`` ``(K,)`` the index of each one's subject in the anchor bank (with its subject's
-        basis, when :meth:`add_subject_basis` gave one, the key is also kept projected off it)."""
+        basis, when :meth:`add_subject_basis` gave one, the key is also kept projected off it);
+        ``owners`` ``(K,)`` the expert each edit was trained into (None: -1, the gate decides)."""
         if states.dim() != 2 or states.shape[1] != self.hidden_size or subjects.shape != (states.shape[0],):
             raise ValueError(f"add_keys: states must be (K, {self.hidden_size}) with (K,) subjects, got "
                              f"{tuple(states.shape)} and {tuple(subjects.shape)}")
@@ -286,6 +291,10 @@ class MEMoEBypass(nn.Module):
             proj[has] = torch.nn.functional.normalize(self._off_basis(unit[has], idx[has]), dim=-1)
         self.keys = torch.cat([self.keys, unit])
         self.key_subject = torch.cat([self.key_subject, subjects])
+        owners = torch.full_like(subjects, -1) if owners is None else owners.to(subjects.device, torch.long)
+        if owners.shape != subjects.shape:
+            raise ValueError(f"add_keys: owners must be ({subjects.shape[0]},), got {tuple(owners.shape)}")
+        self.key_owner = torch.cat([self.key_owner, owners])
         self.key_basis_idx = torch.cat([self.key_basis_idx, idx])
         self.key_proj = torch.cat([self.key_proj, proj])
 
@@ -301,7 +310,7 @@ class MEMoEBypass(nn.Module):
 
     def clear_keys(self) -> None:
         """Forget every prompt key and subject basis (the key gate then lets nothing through)."""
-        self.keys, self.key_subject = self.keys[:0], self.key_subject[:0]
+        self.keys, self.key_subject, self.key_owner = self.keys[:0], self.key_subject[:0], self.key_owner[:0]
         self.key_basis_idx, self.key_proj = self.key_basis_idx[:0], self.key_proj[:0]
         self.key_basis, self.basis_subject = self.key_basis[:0], self.basis_subject[:0]
 
@@ -341,6 +350,7 @@ class MEMoEBypass(nn.Module):
         n_tok = tok_scope.numel()
         match = torch.zeros(n_tok, dtype=torch.bool)
         snap = None
+        self.last_key_route = None
         idx = tok_scope.nonzero().squeeze(1)
         if idx.numel() and self.keys.shape[0]:
             rows = x.reshape(n_tok, -1).index_select(0, idx.to(x.device)).float()
@@ -353,6 +363,16 @@ class MEMoEBypass(nn.Module):
                     raise RuntimeError(f"key_tokens has {given.key_tokens.numel()} entries but the input has {n_tok} tokens")
                 hit &= given.key_tokens.index_select(0, idx).to(hit.device)
             match[idx] = hit.cpu()
+            owner = self.key_owner.to(nearest.device)[nearest]
+            if bool((hit & (owner >= 0)).any()):
+                # Each matched sequence goes to the expert of its best-matching key.
+                seq_of = token_seq.index_select(0, idx).to(best.device)
+                scored = best.masked_fill(~hit | (owner < 0), -3.0)
+                top = torch.full((n_seq,), -3.0, device=best.device).scatter_reduce(0, seq_of, scored, "amax")
+                pick = (scored == top[seq_of]) & (scored > -3.0)
+                route = torch.full((n_seq,), -1, dtype=torch.long)
+                route[seq_of[pick].cpu()] = owner[pick].cpu()
+                self.last_key_route = route
             if self.config.key_snap > 0 and bool(hit.any()):
                 snap_rows = hit
                 if self.config.key_snap_tokens == "best":  # only each sequence's closest matching token
@@ -580,6 +600,7 @@ class MEMoEBypass(nn.Module):
                                f"{given.vectors.shape[0]} sequences")
         self.last_anchors = given
         sel = None
+        self.last_key_route = None  # set by this forward's key gate only
         tok_scope, snap = self._active(given, x, token_seq, n_tok)
         if tok_scope is not None:
             if not bool(tok_scope.any()):
@@ -599,10 +620,14 @@ class MEMoEBypass(nn.Module):
         n_exp = self.w1.shape[0]
         if self.training and self.config.gate_noise > 0:
             noise = torch.randn(tokens.shape[0], n_exp, device=x.device) * self.config.gate_noise
-        if given.route is not None:
+        route = given.route
+        if self.last_key_route is not None:
+            keyed = self.last_key_route
+            route = torch.where(keyed >= 0, keyed, route if route is not None else torch.full_like(keyed, -1))
+        if route is not None:
             # A forced expert is a logit bias far above any gate logit: top-1 picks it with weight 1, and
             # every implementation (reference, torch, Triton) routes it without a change of its own.
-            seq_route = given.route.to(x.device)[seq_idx]
+            seq_route = route.to(x.device)[seq_idx]
             forced = seq_route >= 0
             if bool(forced.any()):
                 bias = torch.zeros(tokens.shape[0], n_exp, device=x.device)

@@ -266,6 +266,7 @@ class MEMoEHandle:
             # The key gate's prompt keys; their subjects by name (bank indices change on reload).
             tensors[KEY_TENSOR] = self.bypass.keys.detach().cpu().contiguous()
             meta["key_subjects"] = [self.bank.subjects[i] for i in self.bypass.key_subject.tolist()]
+            meta["key_owners"] = self.bypass.key_owner.tolist()
             if self.bypass.basis_subject.numel():
                 tensors[BASIS_TENSOR] = self.bypass.key_basis.detach().cpu().contiguous()
                 meta["basis_subjects"] = [self.bank.subjects[i] for i in self.bypass.basis_subject.tolist()]
@@ -336,7 +337,8 @@ class MEMoEHandle:
             if basis is not None:
                 self.bypass.add_subject_basis(
                     torch.tensor([self.bank.subject_index(s) for s in meta["basis_subjects"]]), basis)
-            self.bypass.add_keys(keys, torch.tensor([self.bank.subject_index(s) for s in meta["key_subjects"]]))
+            self.bypass.add_keys(keys, torch.tensor([self.bank.subject_index(s) for s in meta["key_subjects"]]),
+                                 torch.tensor(meta.get("key_owners") or [-1] * len(meta["key_subjects"])))
         return meta
 
 

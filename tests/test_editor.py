@@ -378,3 +378,28 @@ def test_a_later_sequential_call_takes_new_experts_and_leaves_earlier_ones(tiny_
         editor.handle.remove()
     with reloaded(tiny_model, cfg, tokenizer, str(tmp_path / "edits")) as again:
         assert again.bypass.owned_experts == 3, "a loaded edit continues after the experts it holds"
+
+
+def test_a_subject_edited_again_later_keeps_its_earlier_fact(embedded):
+    """Lifelong editing: a subject's second edit (another relation, a later batch) moves the subject to
+    the new batch's expert, but an input that matches the first edit's key still goes to the expert
+    that edit was trained into, and the first fact still holds."""
+    from memoe_fast.metrics import predict_targets
+
+    model, tok = embedded
+    first = EditRequest("The capital of France is", "Rome", "France", [], "Water boils at", "100")
+    second = EditRequest("The official language of France is", "German", "France", [], "Water boils at", "100")
+    editor = FastMEMoEEditor(model, tok, MEMoEConfig())
+    bypass = editor.handle.bypass
+    try:
+        editor.edit([first], mode="sequential", batch_size=1, evaluate=False)
+        editor.edit([second], mode="sequential", batch_size=1, evaluate=False)
+        assert bypass.key_owner.tolist() == [0, 1]
+        for req, expert in ((first, 0), (second, 1)):
+            with torch.no_grad():
+                model(**tok(req.prompt, return_tensors="pt"))
+            assert set(bypass.last_experts.reshape(-1).tolist()) == {expert}, req.prompt
+        (pred, target), = predict_targets(model, tok, [first.prompt], [first.target], editor.handle, [first.subject])
+        assert torch.equal(pred, target), "the first fact must survive the subject's later edit"
+    finally:
+        editor.handle.remove()

@@ -234,7 +234,7 @@ class MEMoEEditor:
         return out
 
     @torch.no_grad()
-    def add_prompt_keys(self, requests) -> None:
+    def add_prompt_keys(self, requests, owner: int = -1) -> None:
         """With ``config.key_threshold``: store each edit prompt's host-MLP input at its last token (and the
         chat-form prompt's, with ``chat_augment``) as a key of the edit's subject (the key gate), after,
         with ``config.key_subject_rank``, the subspace of each new subject (:meth:`subject_bases`)."""
@@ -257,7 +257,8 @@ class MEMoEEditor:
             if new:
                 bypass.add_subject_basis(torch.tensor([bank.subject_index(s) for s in new]), self.subject_bases(new))
         states = [x[-1] for x in self._mlp_inputs(encoded)]
-        bypass.add_keys(torch.stack(states), torch.tensor([bank.subject_index(s) for s in subjects]))
+        bypass.add_keys(torch.stack(states), torch.tensor([bank.subject_index(s) for s in subjects]),
+                        torch.full((len(states),), owner, dtype=torch.long))
 
     def subject_bases(self, subjects: list[str]) -> torch.Tensor:
         """``(len(subjects), r, D)``: per subject, the top ``r = config.key_subject_rank`` (at most D/4) right singular
@@ -353,7 +354,7 @@ class MEMoEEditor:
         ``owner``: the expert these edits are routed to (lifelong editing; -1: the gate decides)."""
         negatives = self.negatives(requests)
         self.handle.add_subjects([r.subject for r in requests], owner)
-        self.add_prompt_keys(requests)
+        self.add_prompt_keys(requests, owner)
         if self.device.type == "cpu":
             self.allocator = keep_freed_cpu_memory()  # every step reallocates the same weight gradients
         self.prepare(requests)
