@@ -174,6 +174,7 @@ class MEMoEBypass(nn.Module):
         # input goes to its key's expert, so a subject edited again in a later batch keeps its older facts.
         self.register_buffer("key_owner", torch.zeros(0, dtype=torch.long), persistent=False)
         self.last_key_route: torch.Tensor | None = None
+        self.last_route: torch.Tensor | None = None  # (S,) the routes the last forward used (keys' experts first)
         # Subject subspaces (config.key_subject_rank): per edited subject, an orthonormal (r, D) basis of
         # the directions its other prompts share (:meth:`add_subject_basis`). A key of a subject with a
         # basis is compared with inputs after both lose those directions: what is left is the question
@@ -602,6 +603,11 @@ class MEMoEBypass(nn.Module):
         sel = None
         self.last_key_route = None  # set by this forward's key gate only
         tok_scope, snap = self._active(given, x, token_seq, n_tok)
+        route = given.route
+        if self.last_key_route is not None:
+            keyed = self.last_key_route
+            route = torch.where(keyed >= 0, keyed, route if route is not None else torch.full_like(keyed, -1))
+        self.last_route = route  # a decode step keeps its prompt's routes (the handle passes them on)
         if tok_scope is not None:
             if not bool(tok_scope.any()):
                 return out  # no sequence is about an edited entity: the experts have nothing to add
@@ -620,10 +626,6 @@ class MEMoEBypass(nn.Module):
         n_exp = self.w1.shape[0]
         if self.training and self.config.gate_noise > 0:
             noise = torch.randn(tokens.shape[0], n_exp, device=x.device) * self.config.gate_noise
-        route = given.route
-        if self.last_key_route is not None:
-            keyed = self.last_key_route
-            route = torch.where(keyed >= 0, keyed, route if route is not None else torch.full_like(keyed, -1))
         if route is not None:
             # A forced expert is a logit bias far above any gate logit: top-1 picks it with weight 1, and
             # every implementation (reference, torch, Triton) routes it without a change of its own.

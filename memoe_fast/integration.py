@@ -181,7 +181,9 @@ class MEMoEHandle:
             if last is None or last.token_seq is not None or (batch is not None and last.vectors.shape[0] != batch):
                 raise RuntimeError("decode step without the anchors of its prompt: start generation from the prompt")
             # Every generated token comes after its prompt's subject: no token mask; the routes stay.
-            self.bypass.set_anchors(last.vectors, last.scope, route=last.route, candidates=last.candidates,
+            # The routes are the prompt's as its forward resolved them (a matched key's expert first).
+            route = self.bypass.last_route if self.bypass.last_route is not None else last.route
+            self.bypass.set_anchors(last.vectors, last.scope, route=route, candidates=last.candidates,
                                     latched=self.bypass.last_latched)
             return None
         if self.anchor_mode == "manual":

@@ -401,5 +401,9 @@ def test_a_subject_edited_again_later_keeps_its_earlier_fact(embedded):
             assert set(bypass.last_experts.reshape(-1).tolist()) == {expert}, req.prompt
         (pred, target), = predict_targets(model, tok, [first.prompt], [first.target], editor.handle, [first.subject])
         assert torch.equal(pred, target), "the first fact must survive the subject's later edit"
+        # Free generation: the decode steps keep the expert their prompt's key chose.
+        with torch.no_grad():
+            model.generate(**tok(first.prompt, return_tensors="pt"), max_new_tokens=3, do_sample=False)
+        assert set(bypass.last_experts.reshape(-1).tolist()) == {0}, "a decode step must keep its prompt's expert"
     finally:
         editor.handle.remove()
