@@ -188,7 +188,7 @@ MUTANTS = [
            "        return all(_identity(lin) == made for lin, made in self._made_from.items())", "        return True",
            ["tests/test_prepack.py"]),
     Mutant("matched-input-routed-by-subject-not-key", "memoe_fast/bypass.py",
-           "        if self.last_key_route is not None:\n            keyed", "        if False:\n            keyed",
+           "        if key_route is not None:\n            route = torch.where", "        if False:\n            route = torch.where",
            ["tests/test_editor.py"]),
     Mutant("zsre-rephrase-dropped", "memoe_fast/datasets.py",
            "prompt=prompt, target=target, subject=subject, rephrase=[rephrase],",

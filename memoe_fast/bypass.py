@@ -78,6 +78,14 @@ GLU_ACTIVATIONS = ("silu_glu",)
 TWO_LAYER_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 
 
+def _best_of_each_sequence(score: torch.Tensor, eligible: torch.Tensor, seq_of: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """``(n,)`` bool: the eligible rows whose ``score`` is their sequence's highest among its eligible rows
+    (``seq_of``: each row's sequence)."""
+    scored = score.masked_fill(~eligible, -3.0)  # below any cosine
+    top = torch.full((n_seq,), -3.0, device=score.device).scatter_reduce(0, seq_of, scored, "amax")
+    return eligible & (scored == top[seq_of])
+
+
 def describe_host(mlp: nn.Module) -> dict:
     """Recognise the host MLP: LLaMA-style gated SiLU (``gate_proj``/``up_proj``/``down_proj``, with or
     without biases) or GPT-2-style (``c_fc``/``c_proj``, Conv1D). ``first`` is the projection that a
@@ -173,7 +181,6 @@ class MEMoEBypass(nn.Module):
         # The expert each key's edit was trained into (lifelong editing; -1: the gate decides). A matched
         # input goes to its key's expert, so a subject edited again in a later batch keeps its older facts.
         self.register_buffer("key_owner", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.last_key_route: torch.Tensor | None = None
         self.last_route: torch.Tensor | None = None  # (S,) the routes the last forward used (keys' experts first)
         # Subject subspaces (config.key_subject_rank): per edited subject, an orthonormal (r, D) basis of
         # the directions its other prompts share (:meth:`add_subject_basis`). A key of a subject with a
@@ -340,8 +347,9 @@ class MEMoEBypass(nn.Module):
         return sims.masked_fill(~cand, -2.0)
 
     def _key_gate(self, given: "AnchorSet", x: torch.Tensor, tok_scope: torch.Tensor, token_seq: torch.Tensor,
-                  n_seq: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """``tok_scope`` narrowed by the key gate, and the snap of the matched tokens (see :meth:`_active`).
+                  n_seq: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """``tok_scope`` narrowed by the key gate, the snap of the matched tokens and the key route (see
+        :meth:`_active`).
 
         A token matches when its state is within ``key_threshold`` (:meth:`_key_similarity`) of one of its
         subject's prompt keys. ``key_span="whole_input"``: a match anywhere switches on every in-scope
@@ -350,8 +358,7 @@ class MEMoEBypass(nn.Module):
         which the running count uses."""
         n_tok = tok_scope.numel()
         match = torch.zeros(n_tok, dtype=torch.bool)
-        snap = None
-        self.last_key_route = None
+        snap = key_route = None
         idx = tok_scope.nonzero().squeeze(1)
         if idx.numel() and self.keys.shape[0]:
             rows = x.reshape(n_tok, -1).index_select(0, idx.to(x.device)).float()
@@ -364,23 +371,18 @@ class MEMoEBypass(nn.Module):
                     raise RuntimeError(f"key_tokens has {given.key_tokens.numel()} entries but the input has {n_tok} tokens")
                 hit &= given.key_tokens.index_select(0, idx).to(hit.device)
             match[idx] = hit.cpu()
+            seq_of = token_seq.index_select(0, idx).to(best.device)
             owner = self.key_owner.to(nearest.device)[nearest]
-            if bool((hit & (owner >= 0)).any()):
+            owned = hit & (owner >= 0)
+            if bool(owned.any()):
                 # Each matched sequence goes to the expert of its best-matching key.
-                seq_of = token_seq.index_select(0, idx).to(best.device)
-                scored = best.masked_fill(~hit | (owner < 0), -3.0)
-                top = torch.full((n_seq,), -3.0, device=best.device).scatter_reduce(0, seq_of, scored, "amax")
-                pick = (scored == top[seq_of]) & (scored > -3.0)
-                route = torch.full((n_seq,), -1, dtype=torch.long)
-                route[seq_of[pick].cpu()] = owner[pick].cpu()
-                self.last_key_route = route
+                pick = _best_of_each_sequence(best, owned, seq_of, n_seq)
+                key_route = torch.full((n_seq,), -1, dtype=torch.long)
+                key_route[seq_of[pick].cpu()] = owner[pick].cpu()
             if self.config.key_snap > 0 and bool(hit.any()):
                 snap_rows = hit
                 if self.config.key_snap_tokens == "best":  # only each sequence's closest matching token
-                    seq_of = token_seq.index_select(0, idx).to(best.device)
-                    scored = best.masked_fill(~hit, -3.0)
-                    top = torch.full((n_seq,), -3.0, device=best.device).scatter_reduce(0, seq_of, scored, "amax")
-                    snap_rows = hit & (scored == top[seq_of])
+                    snap_rows = _best_of_each_sequence(best, hit, seq_of, n_seq)
                 snap = (idx[snap_rows.cpu()], nearest[snap_rows])
         if self.config.key_span == "whole_input":
             hit_seq = torch.zeros(n_seq, dtype=torch.bool)
@@ -399,7 +401,7 @@ class MEMoEBypass(nn.Module):
         latched = torch.zeros(n_seq, dtype=torch.bool)
         latched[token_seq[on]] = True
         self.last_latched = latched
-        return tok_scope & on, snap
+        return tok_scope & on, snap, key_route
 
     def _snapped(self, flat_x: torch.Tensor, rows: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """``flat_x`` with the key-matched ``rows`` moved ``config.key_snap`` of the way (in direction, at
@@ -537,8 +539,9 @@ class MEMoEBypass(nn.Module):
         return self.add_to(x, torch.zeros_like(x), anchors=anchors, scope=scope, token_seq=token_seq)
 
     def _active(self, given: "AnchorSet", x: torch.Tensor, token_seq: torch.Tensor, n_tok: int):
-        """``(N,)`` bool: the tokens the experts act on (scope, token mask, key gate), or None for all; and
-        the key gate's snap, ``(rows, nearest key)`` of the matched tokens, or None."""
+        """``(N,)`` bool: the tokens the experts act on (scope, token mask, key gate), or None for all; the
+        key gate's snap, ``(rows, nearest key)`` of the matched tokens, or None; and the key route ``(S,)``:
+        the expert of each sequence's best-matching key that has one (-1 elsewhere), or None."""
         tok_scope = None
         if self.config.anchor_scope and given.scope is not None:
             tok_scope = given.scope[token_seq]
@@ -552,7 +555,7 @@ class MEMoEBypass(nn.Module):
             if tok_scope is None:
                 tok_scope = torch.ones(n_tok, dtype=torch.bool)
             return self._key_gate(given, x, tok_scope, token_seq, given.vectors.shape[0])
-        return tok_scope, None
+        return tok_scope, None, None
 
     def active_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: the tokens of ``x`` the experts would act on under the anchors pinned now (they
@@ -566,7 +569,7 @@ class MEMoEBypass(nn.Module):
         if token_seq is None:
             batch = x.shape[0] if x.dim() > 2 else 1
             token_seq = torch.arange(batch).repeat_interleave(n_tok // batch)
-        tok, _ = self._active(given, x, token_seq, n_tok)
+        tok, _, _ = self._active(given, x, token_seq, n_tok)
         return torch.ones(n_tok, dtype=torch.bool) if tok is None else tok
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor, anchors: torch.Tensor | None = None,
@@ -601,12 +604,10 @@ class MEMoEBypass(nn.Module):
                                f"{given.vectors.shape[0]} sequences")
         self.last_anchors = given
         sel = None
-        self.last_key_route = None  # set by this forward's key gate only
-        tok_scope, snap = self._active(given, x, token_seq, n_tok)
+        tok_scope, snap, key_route = self._active(given, x, token_seq, n_tok)
         route = given.route
-        if self.last_key_route is not None:
-            keyed = self.last_key_route
-            route = torch.where(keyed >= 0, keyed, route if route is not None else torch.full_like(keyed, -1))
+        if key_route is not None:
+            route = torch.where(key_route >= 0, key_route, route if route is not None else torch.full_like(key_route, -1))
         self.last_route = route  # a decode step keeps its prompt's routes (the handle passes them on)
         if tok_scope is not None:
             if not bool(tok_scope.any()):

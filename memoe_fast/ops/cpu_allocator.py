@@ -34,27 +34,26 @@ def keep_freed_cpu_memory() -> tuple[bool, str]:
     outcome). Returns ``(applied, reason)``; nothing is changed off glibc or with
     ``MEMOE_FAST_KEEP_FREED=0``."""
     global _state
-    if _state is not None:
-        return _state
+    if _state is None:
+        _state = _apply()
+    return _state
+
+
+def _apply() -> tuple[bool, str]:
     if os.environ.get("MEMOE_FAST_KEEP_FREED", "1") == "0":
-        _state = (False, "MEMOE_FAST_KEEP_FREED=0")
-        return _state
+        return False, "MEMOE_FAST_KEEP_FREED=0"
     if not sys.platform.startswith("linux"):
-        _state = (False, f"not glibc ({sys.platform})")
-        return _state
+        return False, f"not glibc ({sys.platform})"
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        _state = (False, "no mallopt in the C library (not glibc)")
-        return _state
+        return False, "no mallopt in the C library (not glibc)"
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
-        _state = (False, "mallopt refused the thresholds")
-        return _state
-    _state = (True, f"glibc keeps freed blocks under {MMAP_THRESHOLD >> 20} MiB in the heap, "
-                    f"up to {TRIM_THRESHOLD >> 20} MiB free, for the next step to reuse")
-    return _state
+        return False, "mallopt refused the thresholds"
+    return True, (f"glibc keeps freed blocks under {MMAP_THRESHOLD >> 20} MiB in the heap, "
+                  f"up to {TRIM_THRESHOLD >> 20} MiB free, for the next step to reuse")
 
 
 __all__ = ["keep_freed_cpu_memory"]
