@@ -28,7 +28,13 @@ ROWS = {
     "token-routing": {"routing": "token"},
     "top2": {"top_k": 2},
     "experts-1": {"num_experts": 1},
+    "experts-4": {"num_experts": 4},
     "experts-8": {"num_experts": 8},
+    "experts-16": {"num_experts": 16},
+    "top2-experts-8": {"top_k": 2, "num_experts": 8},
+    "experts-16-ffn-384": {"num_experts": 16, "expert_ffn": 384, "expert_init": "random_zero_down"},
+    "random-init": {"expert_init": "random_zero_down"},
+    "stop-0.005": {"stop_loss": 0.005},
     "no-key-gate": {"key_threshold": None},
     "no-snap": {"key_snap": 0.0},
     "after-match": {"key_span": "after_match"},
@@ -83,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--out", default="ablation.jsonl")
     p.add_argument("--markdown", action="store_true", help="print the rows as a markdown table at the end")
+    p.add_argument("--no-user-metrics", action="store_true",
+                   help="Reliability / Generality / Locality only (no same-subject, greedy, chat, routing)")
     args = p.parse_args(argv)
 
     import torch
@@ -103,10 +111,11 @@ def main(argv=None) -> int:
         cfg = MEMoEConfig.paper(**over) if paper else MEMoEConfig(**over)
         editor = FastMEMoEEditor(model, tok, cfg)
         if pre is None:
-            pre_loc = editor.pre_locality(requests)
-            with editor.handle.disabled():
-                same = same_subject_cases(model, tok, requests, editor.handle)
-                attach_expected_argmax(model, tok, same, editor.handle)
+            pre_loc, same = editor.pre_locality(requests), None
+            if not args.no_user_metrics:
+                with editor.handle.disabled():
+                    same = same_subject_cases(model, tok, requests, editor.handle)
+                    attach_expected_argmax(model, tok, same, editor.handle)
             pre = (pre_loc, same)
         pre_loc, same = pre
         torch.manual_seed(cfg.seed)
@@ -121,12 +130,15 @@ def main(argv=None) -> int:
             handle = editor.handle
         edit_s = time.perf_counter() - t0
         m = evaluate(model, tok, requests, handle, pre_loc, logits_fn=editor.eval_logits_fn() if handle else None)
-        u = evaluate_user(model, tok, requests, handle, same)
-        u.pop("per_example")
+        u = {}
+        if not args.no_user_metrics:
+            u = evaluate_user(model, tok, requests, handle, same)
+            u.pop("per_example")
         row = {"row": name, **{k: m[k] for k in ("reliability", "generality", "locality")}, **u,
                "edit_s": round(edit_s, 1), "config": cfg.to_dict() if not ftl else "FT-L"}
         if handle is not None:
-            row["routing"] = routing_analysis(model, tok, handle, requests, same)
+            if not args.no_user_metrics:
+                row["routing"] = routing_analysis(model, tok, handle, requests, same)
             handle.remove()
         else:
             weight, saved = restore

@@ -212,7 +212,8 @@ def run_editor(kind: str, model, tok, requests, args, device, cap_gib) -> dict:
     from memoe_fast.editing.fast_editor import FastMEMoEEditor
     from memoe_fast.ops.moe import resolve_impl
 
-    config = MEMoEConfig(steps=args.steps, seed=0, expert_dtype=args.expert_dtype, impl=args.impl)
+    config = MEMoEConfig(steps=args.steps, seed=0, num_experts=args.experts, expert_dtype=args.expert_dtype,
+                         impl=args.impl)
     micro = args.micro_batch
     row = {"editor": kind, "n_requests": len(requests), "steps": args.steps, "expert_dtype": args.expert_dtype,
            "checkpoint": args.checkpoint if kind == "fast" else False, "cap_gib": cap_gib,
@@ -320,6 +321,9 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward of the fast editor")
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing in the fast editor")
     p.add_argument("--expert-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--experts", type=int, default=4,
+                   help="experts (default 4, the paper's and the library's; each one more costs ~1 GiB at 7B "
+                        "with bf16 experts, their gradients and Adam state)")
     p.add_argument("--impl", default="auto", help="bypass implementation (auto: triton on CUDA)")
     p.add_argument("--cap-gib", type=float, default=24.0, help="per-process CUDA memory cap")
     args = p.parse_args(argv)

@@ -273,7 +273,19 @@ def pick_for_budget(budget: int, model, tokenizer, requests, config, args) -> di
               key_rank=min(config.key_subject_rank, shape.hidden // 4) if key_gate else 0,
               # The frozen prefixes of every update group of a batch stay cached while it trains.
               cached_edits=math.ceil(batch * per_edit) * (1 + config.negatives))
-    micro = pick_micro_batch(budget, shape, n, **kw)
+    try:
+        micro = pick_micro_batch(budget, shape, n, **kw)
+    except ValueError as exc:
+        # The experts and their Adam state are the term a user can shrink: name the largest count that fits.
+        for e in range(config.num_experts - 1, config.top_k - 1, -1):
+            try:
+                fit = pick_micro_batch(budget, shape, n, **dict(kw, num_experts=e))
+            except ValueError:
+                continue
+            peak = predict_peak(shape, n, micro_batch=fit, **dict(kw, num_experts=e)).total / 2**30
+            raise ValueError(f"--memory-budget: {exc} with {config.num_experts} experts; --experts {e} fits "
+                             f"(micro-batch {fit}, {peak:.2f} GiB predicted)") from None
+        raise ValueError(f"--memory-budget: {exc}") from None
     pred = predict_peak(shape, n, micro_batch=micro, **kw)
     return {"budget_bytes": budget, "micro_batch": micro, "predicted_peak_bytes": pred.total,
             "predicted_peak_gib": round(pred.total / 2**30, 3), "sequences": n, "prediction": pred.to_dict()}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from memoe_fast import MEMoEHyperParams, apply_memoe_to_model
+from memoe_fast import MEMoEConfig, MEMoEHyperParams, apply_memoe_to_model
 from memoe_fast.bypass import MEMoEBypass
 from memoe_fast.datasets import DataFormatError, load_counterfact
 from memoe_fast.easyedit import requests_from_dicts
@@ -74,12 +74,12 @@ def _hparams_file(tmp_path, **changes):
     return str(path)
 
 
-@pytest.mark.parametrize("name", ["smollm2.yaml", "llama-7b.yaml"])
-def test_shipped_hparams_load(name):
+@pytest.mark.parametrize("name, experts", [("smollm2.yaml", MEMoEConfig().num_experts), ("llama-7b.yaml", 4)])
+def test_shipped_hparams_load(name, experts):
     hp = MEMoEHyperParams.from_hparams(os.path.join(ROOT, "hparams", "MEMoE", name))
     cfg = hp.to_config()
     assert hp.alg_name == "MEMoE" and len(hp.layers) == 1 and cfg.layer == hp.layers[0]
-    assert (cfg.num_experts, cfg.top_k) == (4, 1)
+    assert (cfg.num_experts, cfg.top_k) == (experts, 1)  # the library's default; 4 fits 24 GB at 7B
     assert MEMoEHyperParams.from_hparams(os.path.join(ROOT, "hparams", "MEMoE", name[:-5])) == hp  # EasyEdit drops .yaml
 
 

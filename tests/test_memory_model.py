@@ -211,6 +211,23 @@ def test_cli_budget_picks_the_micro_batch(tokenizer_free_requests):
     json.dumps(big)  # goes into results.json
 
 
+def test_cli_budget_too_small_names_the_expert_count_that_fits(tokenizer_free_requests):
+    # A budget between the peaks of 2 and 3 experts at micro-batch 1: the error names --experts 2.
+    model = _tiny_llama(False, vocab_size=400)
+    tok = _WordTokenizer()
+    args = argparse.Namespace(mode="batch", batch_size=None, no_prepack=False)
+    shape = BackboneShape.from_model(model)
+    kw = dict(prompt_tokens=6, target_tokens=2, device="cpu", prepack=True, layer=1,
+              keys=6, key_subjects=6, key_rank=16, cached_edits=6)
+    two, three = (predict_peak(shape, 6, micro_batch=1, num_experts=e, **kw).total for e in (2, 3))
+    budget = (two + three) // 2
+    fit = pick_micro_batch(budget, shape, 6, num_experts=2, **kw)
+    with pytest.raises(ValueError, match=rf"with 3 experts; --experts 2 fits \(micro-batch {fit}, "):
+        pick_for_budget(budget, model, tok, tokenizer_free_requests, MEMoEConfig(num_experts=3, layer=1), args)
+    with pytest.raises(ValueError, match=r"below the predicted peak at micro-batch 1 \([0-9.]+ GiB\)$"):
+        pick_for_budget(two // 2, model, tok, tokenizer_free_requests, MEMoEConfig(num_experts=3, layer=1), args)
+
+
 def test_cli_budget_counts_the_chat_forms_and_the_update_groups():
     # Questions are trained twice (as asked and as a chat turn): 12 sequences of 6 and 7 prompt tokens,
     # 12 keys; with --update-batch 2 each update trains 4 of them and all 12 stay cached.
