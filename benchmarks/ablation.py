@@ -34,6 +34,8 @@ ROWS = {
     "top2-experts-8": {"top_k": 2, "num_experts": 8},
     "experts-16-ffn-384": {"num_experts": 16, "expert_ffn": 384, "expert_init": "random_zero_down"},
     "random-init": {"expert_init": "random_zero_down"},
+    "balanced": {"expert_assignment": "balanced"},
+    "balanced-experts-16": {"expert_assignment": "balanced", "num_experts": 16},
     "stop-0.005": {"stop_loss": 0.005},
     "no-key-gate": {"key_threshold": None},
     "no-snap": {"key_snap": 0.0},

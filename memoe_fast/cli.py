@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"edits per optimiser update, 0: all at once (default {d.update_batch})")
     e.add_argument("--sequential-experts", choices=("shared", "per_batch"), default=None,
                    help=f"sequential mode: shared experts, or one expert per batch with the earlier ones frozen (default {d.sequential_experts})")
+    e.add_argument("--expert-assignment", choices=("gate", "balanced"), default=None,
+                   help=f"which expert a new subject goes to: the gate's choice from its anchor, or the expert "
+                        f"holding the fewest edits (default {d.expert_assignment})")
     e.add_argument("--no-user-metrics", action="store_true",
                    help="skip the metrics as users meet the model (greedy, same-subject, chat, portability)")
     e.add_argument("--resume", action="store_true",
@@ -147,6 +150,7 @@ def _config_from_args(args):
                            ("negatives", "--negatives", args.negatives),
                            ("update_batch", "--update-batch", args.update_batch),
                            ("sequential_experts", "--sequential-experts", args.sequential_experts),
+                           ("expert_assignment", "--expert-assignment", args.expert_assignment),
                            ("key_threshold", "--key-threshold", args.key_threshold),
                            ("key_subject_rank", "--key-subject-rank", args.key_subject_rank),
                            ("key_span", "--key-span", args.key_span)):

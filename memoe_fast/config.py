@@ -13,6 +13,7 @@ KEY_SNAP_TOKENS = ("all", "best")
 BYPASS_POSITIONS = ("all", "after_subject")
 ROUTINGS = ("anchor", "token")
 SEQUENTIAL_EXPERTS = ("shared", "per_batch")
+EXPERT_ASSIGNMENTS = ("gate", "balanced")
 EXPERT_ACTIVATIONS = ("host", "silu_glu", "gelu", "gelu_tanh", "relu")
 
 
@@ -93,6 +94,10 @@ class MEMoEConfig:
     # Sequential editing: "shared" experts for every batch (the paper), or "per_batch": each batch gets an
     # expert of its own, routed by its subjects' anchor keys, with every earlier expert frozen.
     sequential_experts: str = "per_batch"
+    # Which expert an edited subject's inputs go to when no sequential batch owns it: the gate's choice from
+    # the anchor ("gate", MEMoE), or "balanced": each new subject to the expert holding the fewest edits, so
+    # that no expert holds many more edits than another.
+    expert_assignment: str = "gate"
     impl: str = "auto"  # "auto" | "reference" | "torch" | "triton"
     expert_dtype: str | None = None  # None: the host MLP's float dtype (float32 for an 8-bit host on CPU)
     seed: int = 0
@@ -118,6 +123,8 @@ class MEMoEConfig:
             raise ValueError(f"bypass_positions must be one of {BYPASS_POSITIONS}, got {self.bypass_positions!r}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.expert_assignment not in EXPERT_ASSIGNMENTS:
+            raise ValueError(f"expert_assignment must be one of {EXPERT_ASSIGNMENTS}, got {self.expert_assignment!r}")
         if self.sequential_experts not in SEQUENTIAL_EXPERTS:
             raise ValueError(f"sequential_experts must be one of {SEQUENTIAL_EXPERTS}, got {self.sequential_experts!r}")
         if self.negatives < 0 or self.negative_tokens < 1 or self.negative_weight < 0 or self.update_batch < 0:

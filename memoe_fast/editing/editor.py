@@ -233,6 +233,27 @@ class MEMoEEditor:
             out.append((batch.to(self.device), prompts, subjects))
         return out
 
+    def balanced_owners(self, requests) -> dict[int, list[str]]:
+        """``{expert: subjects}`` for the subjects of ``requests`` that no expert owns yet, each given in
+        turn (most edits first) to the expert that then holds the fewest (``expert_assignment=
+        "balanced"``). Load is counted in prompt keys (an edit, and its chat form when it has one), so
+        subjects owned already, from earlier calls, count with the keys they hold."""
+        bank, bypass = self.handle.bank, self.handle.bypass
+        n = bypass.num_experts
+        weight: dict[str, int] = {}
+        for r in requests:
+            if r.subject and r.subject.strip():
+                s = r.subject.strip()
+                weight[s] = weight.get(s, 0) + 1 + (chat_pair(self.tokenizer, self.config, r) is not None)
+        load = [int(bypass.key_owner.eq(e).sum()) for e in range(n)]
+        owned = {s for s, o in zip(bank.subjects, bank._owner.tolist()) if 0 <= o < n}
+        out: dict[int, list[str]] = {}
+        for s in sorted((s for s in weight if s not in owned), key=lambda s: -weight[s]):  # stable: first seen first
+            e = min(range(n), key=lambda e: (load[e], e))
+            load[e] += weight[s]
+            out.setdefault(e, []).append(s)
+        return out
+
     @torch.no_grad()
     def add_prompt_keys(self, requests, owner: int = -1) -> None:
         """With ``config.key_threshold``: store each edit prompt's host-MLP input at its last token (and the
@@ -257,8 +278,10 @@ class MEMoEEditor:
             if new:
                 bypass.add_subject_basis(torch.tensor([bank.subject_index(s) for s in new]), self.subject_bases(new))
         states = [x[-1] for x in self._mlp_inputs(encoded)]
-        bypass.add_keys(torch.stack(states), torch.tensor([bank.subject_index(s) for s in subjects]),
-                        torch.full((len(states),), owner, dtype=torch.long))
+        index = torch.tensor([bank.subject_index(s) for s in subjects])
+        # A key's expert: the batch's (lifelong editing), else its subject's owner (-1: the gate decides).
+        owners = torch.full((len(states),), owner, dtype=torch.long) if owner >= 0 else bank._owner[index]
+        bypass.add_keys(torch.stack(states), index, owners)
 
     def subject_bases(self, subjects: list[str]) -> torch.Tensor:
         """``(len(subjects), r, D)``: per subject, the top ``r = config.key_subject_rank`` (at most D/4) right singular
@@ -353,6 +376,9 @@ class MEMoEEditor:
         (with ``update_batch``, a step is one pass over the groups and its loss their mean).
         ``owner``: the expert these edits are routed to (lifelong editing; -1: the gate decides)."""
         negatives = self.negatives(requests)
+        if owner < 0 and self.config.expert_assignment == "balanced":
+            for expert, subjects in self.balanced_owners(requests).items():
+                self.handle.add_subjects(subjects, expert)
         self.handle.add_subjects([r.subject for r in requests], owner)
         self.add_prompt_keys(requests, owner)
         if self.device.type == "cpu":
