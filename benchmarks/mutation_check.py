@@ -191,7 +191,7 @@ MUTANTS = [
            "        if key_route is not None:\n            route = torch.where", "        if False:\n            route = torch.where",
            ["tests/test_editor.py"]),
     Mutant("balanced-keys-left-to-the-gate", "memoe_fast/editing/editor.py",
-           "if owner >= 0 else bank._owner[index]", "if True else bank._owner[index]", ["tests/test_method.py"]),
+           "if owner >= 0 else bank.owners[index]", "if True else bank.owners[index]", ["tests/test_method.py"]),
     Mutant("balanced-picks-the-busiest-expert", "memoe_fast/editing/editor.py",
            "e = min(range(n), key=lambda e: (load[e], e))", "e = max(range(n), key=lambda e: (load[e], e))",
            ["tests/test_method.py"]),

@@ -154,6 +154,11 @@ class AnchorBank:
         """(K, D) unit-norm vectors of the edited subjects."""
         return self._keys
 
+    @property
+    def owners(self) -> torch.Tensor:
+        """(K,) the expert each edited subject's inputs are routed to (-1: the gate decides)."""
+        return self._owner
+
     def subject_index(self, subject: str) -> int:
         """Index of an edited subject in :attr:`subjects` (its scope key)."""
         return self.subjects.index(subject.strip())

@@ -255,7 +255,7 @@ class MEMoEHandle:
             "config": self.config.to_dict(),
             "layer": self.layer,
             "subjects": list(self.bank.subjects) if self.bank else [],
-            "subject_owners": self.bank._owner.tolist() if self.bank else [],
+            "subject_owners": self.bank.owners.tolist() if self.bank else [],
             "num_experts": self.bypass.num_experts,
             "owned_experts": self.bypass.owned_experts,
             "backbone": backbone_info(self.model),

@@ -530,22 +530,22 @@ def test_mlp_inputs_come_back_in_order_whatever_the_batching(tiny_model, tokeniz
 
 
 def test_balanced_assignment_spreads_subjects_and_routes_them(tiny_model, tokenizer):
-    # 4 subjects over 2 experts, one edit each: two per expert (the gate alone may put them anywhere), and an
-    # input about each subject runs through the expert its subject was given; a later call counts the load.
+    # 3 subjects over 2 experts, one edit each: two and one (the gate alone may put them anywhere); a later
+    # call's subject goes to the lighter expert; an input about each subject runs through its subject's expert.
     cfg = MEMoEConfig(layer=1, steps=1, lr=1e-2, impl="reference", num_experts=2, stop_loss=0,
                       expert_assignment="balanced")
     editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
     bank, bypass = editor.handle.bank, editor.handle.bypass
     try:
         editor.train(REQUESTS[:3])
-        owners = {r.subject: int(bank._owner[bank.subject_index(r.subject)]) for r in REQUESTS[:3]}
+        owners = {r.subject: int(bank.owners[bank.subject_index(r.subject)]) for r in REQUESTS[:3]}
         assert sorted(owners.values()) == [0, 0, 1]
         editor.train(REQUESTS[3:])  # the lighter expert takes the next subject
-        assert int(bank._owner[bank.subject_index(REQUESTS[3].subject)]) == 1
+        assert int(bank.owners[bank.subject_index(REQUESTS[3].subject)]) == 1
         assert bypass.key_owner.tolist() == [owners[r.subject] for r in REQUESTS[:3]] + [1]
         for r in REQUESTS:
             with torch.no_grad():
                 tiny_model(**tokenizer([r.prompt], return_tensors="pt"))
-            assert bool((bypass.last_experts == bank._owner[bank.subject_index(r.subject)]).all()), r.subject
+            assert bool((bypass.last_experts == bank.owners[bank.subject_index(r.subject)]).all()), r.subject
     finally:
         editor.handle.remove()

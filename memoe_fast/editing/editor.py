@@ -246,7 +246,7 @@ class MEMoEEditor:
                 s = r.subject.strip()
                 weight[s] = weight.get(s, 0) + 1 + (chat_pair(self.tokenizer, self.config, r) is not None)
         load = [int(bypass.key_owner.eq(e).sum()) for e in range(n)]
-        owned = {s for s, o in zip(bank.subjects, bank._owner.tolist()) if 0 <= o < n}
+        owned = {s for s, o in zip(bank.subjects, bank.owners.tolist()) if 0 <= o < n}
         out: dict[int, list[str]] = {}
         for s in sorted((s for s in weight if s not in owned), key=lambda s: -weight[s]):  # stable: first seen first
             e = min(range(n), key=lambda e: (load[e], e))
@@ -280,7 +280,7 @@ class MEMoEEditor:
         states = [x[-1] for x in self._mlp_inputs(encoded)]
         index = torch.tensor([bank.subject_index(s) for s in subjects])
         # A key's expert: the batch's (lifelong editing), else its subject's owner (-1: the gate decides).
-        owners = torch.full((len(states),), owner, dtype=torch.long) if owner >= 0 else bank._owner[index]
+        owners = torch.full((len(states),), owner, dtype=torch.long) if owner >= 0 else bank.owners[index]
         bypass.add_keys(torch.stack(states), index, owners)
 
     def subject_bases(self, subjects: list[str]) -> torch.Tensor:
