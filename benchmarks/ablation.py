@@ -55,6 +55,9 @@ ROWS = {
     "snap-best": {"key_snap_tokens": "best"},
     "plain-cosine-0.80": {"key_subject_rank": 0, "key_threshold": 0.80},
     "plain-cosine-0.85": {"key_subject_rank": 0, "key_threshold": 0.85},
+    "context-1": {"context_prefixes": 1},
+    "context-3": {"context_prefixes": 3},
+    "context-5": {"context_prefixes": 5},
     "ft-l": {"_ftl": True},
 }
 SHOW = ("reliability", "generality", "locality", "same_subject_locality", "same_subject_greedy",
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--n", type=int, default=30)
+    p.add_argument("--offset", type=int, default=0,
+                   help="skip this many records first (compare options on two disjoint slices of a split)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--out", default="ablation.jsonl")
     p.add_argument("--markdown", action="store_true", help="print the rows as a markdown table at the end")
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
     from memoe_fast.models import load_model
 
     model, tok = load_model()
-    requests = load_requests(args.data, args.n)
+    requests = load_requests(args.data, args.offset + args.n)[args.offset:]
     pre = None
     rows = []
     for name in args.rows:

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--expert-assignment", choices=("gate", "balanced"), default=None,
                    help=f"which expert a new subject goes to: the gate's choice from its anchor, or the expert "
                         f"holding the fewest edits (default {d.expert_assignment})")
+    e.add_argument("--context-prefixes", type=int, default=None,
+                   help="also train each edit after this many short texts the unedited model writes, each with its "
+                        f"own key (0: off; default {d.context_prefixes})")
     e.add_argument("--no-user-metrics", action="store_true",
                    help="skip the metrics as users meet the model (greedy, same-subject, chat, portability)")
     e.add_argument("--resume", action="store_true",
@@ -151,6 +154,7 @@ def _config_from_args(args):
                            ("update_batch", "--update-batch", args.update_batch),
                            ("sequential_experts", "--sequential-experts", args.sequential_experts),
                            ("expert_assignment", "--expert-assignment", args.expert_assignment),
+                           ("context_prefixes", "--context-prefixes", args.context_prefixes),
                            ("key_threshold", "--key-threshold", args.key_threshold),
                            ("key_subject_rank", "--key-subject-rank", args.key_subject_rank),
                            ("key_span", "--key-span", args.key_span)):
@@ -248,7 +252,7 @@ def _memory_budget(args) -> int | None:
 
 def pick_for_budget(budget: int, model, tokenizer, requests, config, args) -> dict:
     """The micro-batch the memory model picks for ``budget``, with its predicted peak (for results.json)."""
-    from .editing.editor import chat_pair
+    from .editing.editor import augmented_pairs, write_context_texts
     from .editing.memory import BackboneShape, pick_micro_batch, predict_peak
     from .metrics import encode_pair
 
@@ -257,14 +261,16 @@ def pick_for_budget(budget: int, model, tokenizer, requests, config, args) -> di
     except AttributeError as exc:
         raise ValueError(f"--memory-budget: the memory model covers LLaMA-style backbones ({exc})") from None
     pairs = [encode_pair(tokenizer, r.prompt, r.target) for r in requests]
-    # Question-shaped edits are trained a second time as a user turn in the chat template (chat_augment).
-    chat = [c[2] for c in (chat_pair(tokenizer, config, r) for r in requests) if c is not None]
-    per_edit = (len(pairs) + len(chat)) / len(pairs)
+    # Edits are trained in other forms too, each with its key: question-shaped ones as a user turn in the chat
+    # template (chat_augment), and each after context texts (context_prefixes; the model is not edited yet).
+    contexts = write_context_texts(model, tokenizer, config.context_tokens) if config.context_prefixes > 0 else []
+    extra = [c[2] for c in augmented_pairs(tokenizer, config, requests, contexts)]
+    per_edit = (len(pairs) + len(extra)) / len(pairs)
     # Sequences trained together: the batch (sequential: one batch, or all seen ones with replay), split by
-    # --update-batch, each edit with its chat form and up to `negatives` same-subject prompts.
+    # --update-batch, each edit with its other forms and up to `negatives` same-subject prompts.
     batch = len(requests) if args.mode == "batch" or config.replay else min(args.batch_size, len(requests))
     n = math.ceil((min(batch, config.update_batch) if config.update_batch > 0 else batch) * per_edit) * (1 + config.negatives)
-    seqs = pairs + chat
+    seqs = pairs + extra
     key_gate = config.key_threshold is not None
     kw = dict(layer=config.layer, prompt_tokens=sum(len(p) for p, _ in seqs) / len(seqs),
               target_tokens=sum(len(t) for _, t in seqs) / len(seqs), num_experts=config.num_experts,
@@ -272,7 +278,7 @@ def pick_for_budget(budget: int, model, tokenizer, requests, config, args) -> di
               prepack=not args.no_prepack,
               gate_trains=config.aux_loss_weight > 0 or not (config.top_k == 1 and config.renormalize),
               # Keys and subspaces of every edit of the run (sequential runs keep the earlier batches').
-              keys=(sum(1 for r in requests if r.subject) + len(chat)) if key_gate else 0,
+              keys=(sum(1 for r in requests if r.subject) + len(extra)) if key_gate else 0,
               key_subjects=len({r.subject for r in requests if r.subject}) if key_gate else 0,
               key_rank=min(config.key_subject_rank, shape.hidden // 4) if key_gate else 0,
               # The frozen prefixes of every update group of a batch stay cached while it trains.

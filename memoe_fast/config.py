@@ -88,6 +88,11 @@ class MEMoEConfig:
     # Also train each question-shaped edit prompt as a user turn in the tokenizer's chat template (when
     # it has one), the reply starting with the target: chat models are asked that way.
     chat_augment: bool = True
+    # Also train each edit after this many short texts the unedited model wrote itself (ROME's context
+    # templates: greedy continuations of CONTEXT_SEEDS, `context_tokens` tokens each), each with its own
+    # key, so that a question asked after other text still reaches its expert and gets the edit. 0: off.
+    context_prefixes: int = 0
+    context_tokens: int = 10
     # Edits per optimiser update: 0 trains all edits of a batch in one accumulated update per step; N > 0
     # splits them into groups of N, one update each, and a step is then one pass over the groups.
     update_batch: int = 50
@@ -130,6 +135,9 @@ class MEMoEConfig:
         if self.negatives < 0 or self.negative_tokens < 1 or self.negative_weight < 0 or self.update_batch < 0:
             raise ValueError("negatives, update_batch and negative_weight must be >= 0 and negative_tokens >= 1, got "
                              f"{self.negatives}, {self.update_batch}, {self.negative_weight}, {self.negative_tokens}")
+        if self.context_prefixes < 0 or self.context_tokens < 1:
+            raise ValueError(f"context_prefixes must be >= 0 and context_tokens >= 1, got "
+                             f"context_prefixes={self.context_prefixes}, context_tokens={self.context_tokens}")
         if self.key_span not in KEY_SPANS:
             raise ValueError(f"key_span must be one of {KEY_SPANS}, got {self.key_span!r}")
         if self.key_threshold is not None and not -1.0 <= self.key_threshold <= 1.0:

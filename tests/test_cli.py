@@ -65,6 +65,9 @@ def no_model(monkeypatch):
     pytest.param(dict(argv=["--key-subject-rank", "-1"], data=None,
                       message="--key-subject-rank -1: key_subject_rank must be >= 0"),
                  id="key-subject-rank-negative"),
+    pytest.param(dict(argv=["--context-prefixes", "-1"], data=None,
+                      message="--context-prefixes -1: context_prefixes must be >= 0"),
+                 id="context-prefixes-negative"),
     pytest.param(dict(argv=["--layer", "x"], data=None, message="argument --layer: invalid int value: 'x'"),
                  id="layer-not-an-integer"),
 ])

@@ -248,10 +248,19 @@ def test_cli_budget_counts_the_chat_forms_and_the_update_groups():
     no_chat = pick_for_budget(64 * GiB, model, tok, questions,
                               MEMoEConfig(num_experts=3, layer=1, update_batch=0, chat_augment=False), args)
     assert no_chat["sequences"] == 6 and no_chat["prediction"]["terms"]["key_gate"] < got["prediction"]["terms"]["key_gate"]
+    # Each edit after two context texts (the model writes them): two more sequences and keys per edit.
+    ctx = pick_for_budget(64 * GiB, model, tok, questions, MEMoEConfig(num_experts=3, layer=1, update_batch=0,
+                                                                        chat_augment=False, context_prefixes=2,
+                                                                        context_tokens=3), args)
+    assert ctx["sequences"] == 18
+    key_bytes = 2 * shape.hidden * 4 + 16
+    assert ctx["prediction"]["terms"]["key_gate"] - no_chat["prediction"]["terms"]["key_gate"] == 12 * key_bytes
 
 
 class _WordTokenizer:
     """One id per word, BOS first: enough for the token counts the CLI averages."""
+
+    pad_token_id = eos_token_id = 0
 
     def __call__(self, text, add_special_tokens=True):
         ids = [hash(w) % 300 + 3 for w in text.split()]

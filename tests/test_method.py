@@ -549,3 +549,35 @@ def test_balanced_assignment_spreads_subjects_and_routes_them(tiny_model, tokeni
             assert bool((bypass.last_experts == bank.owners[bank.subject_index(r.subject)]).all()), r.subject
     finally:
         editor.handle.remove()
+
+
+def test_context_prefixes_train_each_edit_after_model_written_text_with_its_own_key(tiny_model, tokenizer):
+    # Each edit trains after k of the context texts (rotating over the edits), and each such prompt is a
+    # key of its subject: asked after that text, the edit reaches the experts, where without the option
+    # (the same strict threshold) it does not.
+    from memoe_fast.editing.editor import CONTEXT_SEEDS, write_context_texts
+
+    contexts = write_context_texts(tiny_model, tokenizer, 4)
+    assert len(contexts) == len(CONTEXT_SEEDS)
+    assert all(c.startswith(s) and c.endswith(".") and len(c) > len(s) + 1 for c, s in zip(contexts, CONTEXT_SEEDS))
+    latched = {}
+    for k in (0, 2):
+        cfg = MEMoEConfig(layer=1, steps=1, lr=1e-2, impl="reference", stop_loss=0, chat_augment=False,
+                          key_threshold=0.99, context_prefixes=k, context_tokens=4)
+        editor = FastMEMoEEditor(tiny_model, tokenizer, cfg)
+        try:
+            assert editor.context_texts() == (contexts if k else [])
+            (_, prompts, subjects), = editor._training_batches(REQUESTS, [])
+            want = [r.prompt for r in REQUESTS] + [f"{contexts[(i * k + j) % len(contexts)]} {r.prompt}"
+                                                   for i, r in enumerate(REQUESTS) for j in range(k)]
+            assert prompts == want
+            assert subjects == [r.subject for r in REQUESTS] + [r.subject for r in REQUESTS for _ in range(k)]
+            editor.train(REQUESTS)
+            assert editor.handle.bypass.key_owner.numel() == len(REQUESTS) * (1 + k)
+            text = f"{contexts[3]} {REQUESTS[1].prompt}"  # edit 1's second context text when k = 2
+            with torch.no_grad(), editor.handle.anchored([text], [REQUESTS[1].subject]):
+                tiny_model(**tokenizer([text], return_tensors="pt"))
+            latched[k] = editor.handle.bypass.last_latched.tolist()
+        finally:
+            editor.handle.remove()
+    assert latched == {0: [False], 2: [True]}

@@ -94,6 +94,47 @@ def chat_pair(tokenizer, config, r) -> tuple[str, str, tuple[list[int], list[int
     return text, r.subject, (ids, tokenizer(r.target, add_special_tokens=False)["input_ids"])
 
 
+# Openings of the context texts (ROME's context templates): the unedited model continues each. (A
+# single word is too little for a small chat model: from "The" SmolLM2 writes "-the-world-is-a-world".)
+CONTEXT_SEEDS = ("The weather", "My friend told me that", "According to the report,", "Yesterday I",
+                 "Scientists have found that", "The city council", "In 1990,", "Many people believe that",
+                 "The history of", "When I was young,")
+
+
+def write_context_texts(model, tokenizer, tokens: int, batch_size: int = 32) -> list[str]:
+    """The context texts: ``model``'s greedy continuation of each of :data:`CONTEXT_SEEDS` (``tokens``
+    tokens), on one line, ending in a full stop. Call it on the unedited model."""
+    conts = greedy_continuations(model, tokenizer, list(CONTEXT_SEEDS), tokens, batch_size)
+    texts = []
+    for seed, c in zip(CONTEXT_SEEDS, conts):
+        t = " ".join((seed + tokenizer.decode(c, skip_special_tokens=True)).split())
+        texts.append(t.rstrip(" .,;:") + ".")
+    return texts
+
+
+def context_pairs(tokenizer, requests, contexts: list[str], k: int) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
+    """``(text, subject, (prompt ids, target ids))`` of each edit with a subject asked after ``k`` of
+    ``contexts``, rotating through them (edit ``i`` takes texts ``i*k .. i*k+k-1``, modulo their number),
+    so that a batch sees every context text whatever ``k`` is."""
+    out = []
+    for i, r in enumerate(requests):
+        if not r.subject:
+            continue
+        for j in range(min(k, len(contexts))):
+            text = f"{contexts[(i * k + j) % len(contexts)]} {r.prompt}"
+            out.append((text, r.subject, encode_pair(tokenizer, text, r.target)))
+    return out
+
+
+def augmented_pairs(tokenizer, config, requests, contexts: list[str]) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
+    """Every extra form the edits ``requests`` train in, each with its own key: the chat form
+    (``config.chat_augment``), and each edit after ``config.context_prefixes`` of ``contexts``."""
+    out = [pair for pair in (chat_pair(tokenizer, config, r) for r in requests) if pair is not None]
+    if config.context_prefixes > 0:
+        out += context_pairs(tokenizer, requests, contexts, config.context_prefixes)
+    return out
+
+
 def _fused_adam_ok(params) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                for p in params)
@@ -127,6 +168,7 @@ class MEMoEEditor:
         self.device = next(model.parameters()).device
         self.history: list[dict] = []
         self.allocator: tuple[bool, str] | None = None  # the CPU allocator setting training applied
+        self._contexts: list[str] | None = None
 
     # Hooks the fast editor overrides: backward_step, prepare, finish, eval_logits_fn.
     def backward_step(self, batch, prompts, subjects) -> float:
@@ -212,7 +254,7 @@ class MEMoEEditor:
             prompts = [r.prompt for r in edits]
             subjects = [r.subject for r in edits]
             pairs = [encode_pair(self.tokenizer, r.prompt, r.target) for r in edits]
-            for text, subject, pair in self._chat_pairs(edits):
+            for text, subject, pair in self._augmented_pairs(edits):
                 prompts.append(text), subjects.append(subject), pairs.append(pair)
             n_pos = len(pairs)
             pairs += [g["pair"] for g in negs]
@@ -236,15 +278,16 @@ class MEMoEEditor:
     def balanced_owners(self, requests) -> dict[int, list[str]]:
         """``{expert: subjects}`` for the subjects of ``requests`` that no expert owns yet, each given in
         turn (most edits first) to the expert that then holds the fewest (``expert_assignment=
-        "balanced"``). Load is counted in prompt keys (an edit, and its chat form when it has one), so
+        "balanced"``). Load is counted in prompt keys (an edit, its chat form and its context forms), so
         subjects owned already, from earlier calls, count with the keys they hold."""
         bank, bypass = self.handle.bank, self.handle.bypass
         n = bypass.num_experts
         weight: dict[str, int] = {}
+        contexts = min(self.config.context_prefixes, len(self.context_texts()))
         for r in requests:
             if r.subject and r.subject.strip():
                 s = r.subject.strip()
-                weight[s] = weight.get(s, 0) + 1 + (chat_pair(self.tokenizer, self.config, r) is not None)
+                weight[s] = weight.get(s, 0) + 1 + (chat_pair(self.tokenizer, self.config, r) is not None) + contexts
         load = [int(bypass.key_owner.eq(e).sum()) for e in range(n)]
         owned = {s for s, o in zip(bank.subjects, bank.owners.tolist()) if 0 <= o < n}
         out: dict[int, list[str]] = {}
@@ -267,7 +310,7 @@ class MEMoEEditor:
             if r.subject:
                 texts.append(r.prompt), subjects.append(r.subject)
                 encoded.append(self.tokenizer(r.prompt, add_special_tokens=True)["input_ids"])
-        for text, subject, (ids, _) in self._chat_pairs(requests):
+        for text, subject, (ids, _) in self._augmented_pairs(requests):
             texts.append(text), subjects.append(subject), encoded.append(ids)
         if not texts:
             return
@@ -337,10 +380,20 @@ class MEMoEEditor:
             hook.remove()
         return out
 
-    def _chat_pairs(self, requests) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
-        """``(text, subject, (prompt ids, target ids))`` of the question-shaped edits asked as a user turn
-        in the chat template (``config.chat_augment``); the reply is the target."""
-        return [pair for pair in (chat_pair(self.tokenizer, self.config, r) for r in requests) if pair is not None]
+    def _augmented_pairs(self, requests) -> list[tuple[str, str, tuple[list[int], list[int]]]]:
+        """:func:`augmented_pairs` of ``requests``: the forms besides the edit prompt, each with its own key."""
+        return augmented_pairs(self.tokenizer, self.config, requests, self.context_texts())
+
+    def context_texts(self) -> list[str]:
+        """:func:`write_context_texts` of the unedited model (made once per editor, when the config asks for
+        them; empty otherwise)."""
+        if self.config.context_prefixes <= 0:
+            return []
+        if self._contexts is None:
+            with torch.no_grad(), self.handle.disabled():
+                self._contexts = write_context_texts(self.model, self.tokenizer, self.config.context_tokens,
+                                                     self.eval_batch_size)
+        return self._contexts
 
     def check_context(self, requests) -> None:
         """Refuse requests with a text that training or evaluation would feed beyond the model's context
@@ -366,6 +419,13 @@ class MEMoEEditor:
             chat = chat_pair(self.tokenizer, self.config, r)
             if chat is not None:
                 found.append((f"{w}: prompt in the chat template + target", len(chat[2][0]) + len(chat[2][1])))
+        contexts = self.context_texts()
+        if contexts:  # and after context texts: checked with the longest one
+            longest = max(contexts, key=lambda c: len(self.tokenizer(c, add_special_tokens=False)["input_ids"]))
+            for w, r in zip(where, requests):
+                if r.subject:
+                    p, t = encode_pair(self.tokenizer, f"{longest} {r.prompt}", r.target)
+                    found.append((f"{w}: prompt after a context text + target", len(p) + len(t)))
         over = [f"{name} is {n} tokens" for name, n in found if n > context]
         if over:
             more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
